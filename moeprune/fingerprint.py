@@ -1,0 +1,41 @@
+"""A model's identity: a hash of its structural config and its router weights.
+
+Router weights are small (layers x experts x hidden), present in every checkpoint layout, and
+differ between any two trained models, so they identify the weights cheaply. They are hashed
+as bfloat16 so that a model loaded in bf16 from an fp32 checkpoint keeps its fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from .routers import get_adapter
+
+_CONFIG_FIELDS = (
+    "model_type", "vocab_size", "hidden_size", "num_hidden_layers", "intermediate_size",
+    "moe_intermediate_size", "num_experts_per_tok",
+)
+
+
+def _config_part(config, adapter) -> dict:
+    part = {f: getattr(config, f, None) for f in _CONFIG_FIELDS}
+    part["num_experts"] = adapter.num_experts(config)
+    return part
+
+
+def fingerprint_from_parts(config, routers: list[torch.Tensor]) -> str:
+    adapter = get_adapter(config)
+    h = hashlib.sha256(json.dumps(_config_part(config, adapter), sort_keys=True).encode())
+    for w in routers:
+        h.update(w.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16).numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def model_fingerprint(model) -> str:
+    """Fingerprint of a loaded (full) transformers MoE model."""
+    adapter = get_adapter(model)
+    routers = [adapter.router(block).weight for _, block in adapter.blocks(model)]
+    return fingerprint_from_parts(model.config, routers)

@@ -1,0 +1,171 @@
+"""`profile(model, prompts)`: run a domain's prompts through the MoE and record, per MoE layer
+and expert, what each criterion needs. Only real tokens count; padding never does.
+
+Per token t and pick (expert i, gate weight g): frequency += 1, mass += g,
+gate_norm += g * ||E_i(h)||, easy_ep += g * ||E_i(h)|| * max(0, 1 - cos(h_t, h_t + routed_t)),
+and tcess += p_i(t) (router probability, counted only where >= the confidence threshold).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import MoepruneError, PromptError
+from .fingerprint import model_fingerprint
+from .hooks import hooks, record_experts
+from .models import load_model
+from .profiles import STATS, Profile
+from .prompts import read_prompts, render
+from .routers import get_adapter
+from .routers.base import MoEAdapter
+
+
+class _Recorder:
+    """Accumulates the statistics of every MoE layer while the model runs."""
+
+    def __init__(self, adapter: MoEAdapter, n_layers: int, n_experts: int, n_prompts: int, threshold: float):
+        self.adapter = adapter
+        self.n_experts = n_experts
+        self.threshold = threshold
+        self.stats = {k: torch.zeros(n_layers, n_experts, dtype=torch.float64) for k in STATS}
+        self.sig_sum = torch.zeros(n_prompts, n_experts, dtype=torch.float64)
+        self.sig_count = torch.zeros(n_prompts, dtype=torch.float64)
+        self.valid: torch.Tensor | None = None  # [B*S] bool: real tokens of the current batch
+        self.prompt_ids: torch.Tensor | None = None  # [B*S] long
+        self.residual: dict[int, torch.Tensor] = {}
+
+    def _add(self, name: str, pos: int, index: torch.Tensor, values: torch.Tensor) -> None:
+        acc = torch.zeros(self.n_experts, dtype=torch.float32, device=values.device)
+        acc.index_add_(0, index, values.float())
+        self.stats[name][pos] += acc.to("cpu", torch.float64)
+
+    def on_router(self, pos: int, router: nn.Module, logits: torch.Tensor) -> None:
+        probs = self.adapter.router_probs(router, logits).reshape(-1, self.n_experts)[self.valid]
+        kept = probs if self.threshold <= 0 else probs * (probs >= self.threshold)
+        self.stats["tcess"][pos] += kept.sum(0).to("cpu", torch.float64)
+        if pos == 0:
+            ids = self.prompt_ids[self.valid].cpu()
+            self.sig_sum.index_add_(0, ids, probs.to("cpu", torch.float64))
+            self.sig_count.index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
+
+    def on_residual(self, pos: int, hidden: torch.Tensor) -> None:
+        self.residual[pos] = hidden.reshape(-1, hidden.shape[-1])
+
+    def on_experts(self, pos: int, indices, weights, per_pick, routed) -> None:
+        v = self.valid
+        idx, w = indices[v], weights[v].float()
+        norms = per_pick[v].float().norm(dim=-1)  # [T, K]: ||E_i(h_t)|| of each pick
+        gn = w * norms
+        h = self.residual.pop(pos)[v].float()
+        contribution = (1 - torch.cosine_similarity(h, h + routed[v].float(), dim=-1)).clamp(min=0)
+        flat = idx.reshape(-1)
+        self._add("frequency", pos, flat, torch.ones_like(flat, dtype=torch.float32))
+        self._add("mass", pos, flat, w.reshape(-1))
+        self._add("gate_norm", pos, flat, gn.reshape(-1))
+        self._add("easy_ep", pos, flat, (gn * contribution.unsqueeze(-1)).reshape(-1))
+
+
+def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Prompt indices grouped by similar length (longest first) to waste little on padding."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+@torch.no_grad()
+def profile(
+    model: nn.Module | str | os.PathLike,
+    prompts: Sequence | str | os.PathLike,
+    *,
+    tokenizer=None,
+    domain: str | None = None,
+    batch_size: int = 8,
+    max_length: int = 512,
+    tcess_threshold: float = 0.0,
+    dtype=None,
+    progress: bool = False,
+) -> Profile:
+    """Profile a domain: run `prompts` through `model` and return per-expert importance statistics.
+
+    `model` is a loaded transformers MoE model or a checkpoint folder (or hub id). `prompts` is a
+    list of strings / chat-message lists, or a .txt (one per line) or .jsonl (`text` or
+    `messages`) file. Prompts run in right-padded batches; padding tokens are never counted.
+    """
+    if batch_size < 1:
+        raise MoepruneError(f"batch_size must be >= 1, got {batch_size}")
+    if max_length < 1:
+        raise MoepruneError(f"max_length must be >= 1, got {max_length}")
+    if not 0.0 <= tcess_threshold < 1.0:
+        raise MoepruneError(f"tcess_threshold must be in [0, 1), got {tcess_threshold}")
+    items = read_prompts(prompts)  # before loading a big model: bad prompts fail fast
+    if isinstance(model, (str, os.PathLike)):
+        model, loaded_tok = load_model(model, dtype=dtype)
+        tokenizer = tokenizer or loaded_tok
+    if tokenizer is None:
+        raise MoepruneError("profile() needs a tokenizer when given a loaded model: pass tokenizer=...")
+    adapter = get_adapter(model)
+    blocks = adapter.blocks(model)
+    layers = adapter.decoder_layers(model)
+    n_experts, device = adapter.num_experts(model.config), next(model.parameters()).device
+
+    encoded = []
+    for i, p in enumerate(items):
+        ids = tokenizer(render(p, tokenizer), truncation=True, max_length=max_length)["input_ids"]
+        if not ids:
+            raise PromptError(f"prompt {i} is empty after tokenisation")
+        encoded.append(ids)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+
+    rec = _Recorder(adapter, len(blocks), n_experts, len(items), tcess_threshold)
+    handles, callbacks = [], {}
+    for pos, (layer, block) in enumerate(blocks):
+        handles.append(adapter.router(block).register_forward_hook(
+            lambda mod, args, out, pos=pos: rec.on_router(pos, mod, out[0])))
+        handles.append(adapter.residual_norm(layers[layer]).register_forward_pre_hook(
+            lambda mod, args, pos=pos: rec.on_residual(pos, args[0])))
+        callbacks[adapter.experts(block)] = lambda *a, pos=pos: rec.on_experts(pos, *a)
+
+    was_training = model.training
+    model.eval()
+    batches = _batches([len(e) for e in encoded], batch_size)
+    try:
+        with hooks(handles), record_experts(model, callbacks):
+            for batch in tqdm(batches, desc="profiling", unit="batch", disable=not progress):
+                width = max(len(encoded[i]) for i in batch)
+                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+                mask = torch.zeros((len(batch), width), dtype=torch.long)
+                owner = torch.zeros((len(batch), width), dtype=torch.long)
+                for row, i in enumerate(batch):
+                    n = len(encoded[i])
+                    ids[row, :n] = torch.tensor(encoded[i])
+                    mask[row, :n] = 1
+                    owner[row] = i
+                rec.valid = mask.reshape(-1).bool().to(device)
+                rec.prompt_ids = owner.reshape(-1).to(device)
+                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+    finally:
+        model.train(was_training)
+
+    n_tokens = int(sum(len(e) for e in encoded))
+    meta = {
+        "model_type": model.config.model_type,
+        "family": adapter.family,
+        "model": str(getattr(model.config, "_name_or_path", "") or ""),
+        "fingerprint": model_fingerprint(model),
+        "domain": domain,
+        "n_prompts": len(items),
+        "n_tokens": n_tokens,
+        "moe_layers": [layer for layer, _ in blocks],
+        "num_experts": n_experts,
+        "top_k": adapter.top_k(model.config),
+        "tcess_threshold": tcess_threshold,
+        "max_length": max_length,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+    signatures = (rec.sig_sum / rec.sig_count.clamp(min=1).unsqueeze(-1)).float()
+    return Profile({k: v for k, v in rec.stats.items()}, signatures, meta)

@@ -1,0 +1,206 @@
+"""What moeprune needs to know about one MoE family.
+
+An adapter answers, for its family: which decoder layers are MoE, where the router and the
+fused experts live (in memory and in a checkpoint), how the router turns logits into
+(weights, indices) exactly as transformers does, and how a keep-mask makes pruned experts
+unselectable so that the masked model equals a model that holds only the kept experts.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from ..errors import MoepruneError
+
+NEG_INF = float("-inf")
+
+
+class MoEAdapter:
+    """Base adapter. Subclasses set the class attributes and override the routing maths."""
+
+    family: str = ""
+    model_types: tuple[str, ...] = ()
+    num_experts_field: str = "num_experts"
+    top_k_field: str = "num_experts_per_tok"
+
+    # In-memory module layout: decoder_layer.<block_attr>.<router_attr> / .<experts_attr>
+    block_attr: str = "mlp"
+    router_attr: str = "gate"
+    experts_attr: str = "experts"
+    # The residual stream entering the MoE is the input of this norm (EASY-EP's h_t).
+    residual_norm_attr: str = "post_attention_layernorm"
+    # Router parameters and buffers whose first dimension is the expert.
+    router_tensors: tuple[str, ...] = ("weight",)
+    # Fused expert parameters (first dimension is the expert).
+    expert_tensors: tuple[str, ...] = ("gate_up_proj", "down_proj")
+
+    # Checkpoint (hub) layout.
+    ckpt_block: str = "mlp"
+    ckpt_router: str = "gate"
+    # Per-expert hub keys: experts.{e}.{name}.weight, for gate/up/down. None: fused on disk too.
+    ckpt_expert_projs: tuple[str, str, str] | None = ("gate_proj", "up_proj", "down_proj")
+
+    # ------------------------------------------------------------------ config
+    def num_experts(self, config) -> int:
+        return int(getattr(config, self.num_experts_field))
+
+    def top_k(self, config) -> int:
+        return int(getattr(config, self.top_k_field))
+
+    def moe_layers(self, config) -> list[int]:
+        """Indices of decoder layers whose MLP is a routed MoE block."""
+        return list(range(config.num_hidden_layers))
+
+    def sliced_config(self, config, n_experts: int):
+        """A copy of `config` for a model that holds `n_experts` routed experts per layer."""
+        new = copy.deepcopy(config)
+        setattr(new, self.num_experts_field, int(n_experts))
+        if self.top_k(config) > n_experts:
+            setattr(new, self.top_k_field, int(n_experts))
+        return new
+
+    # ------------------------------------------------------------------ routing
+    def router_probs(self, router: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+        """Per-token probability over all experts, float32 [T, E] (PreMoe's TCESS input)."""
+        return torch.softmax(logits.float(), dim=-1)
+
+    def route(
+        self, router: nn.Module, logits: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights [T, K], indices [T, K]) from router logits, as transformers computes them.
+
+        `keep` is a bool [E] mask; pruned experts can never be chosen and the result equals a
+        router that holds only the kept experts.
+        """
+        raise NotImplementedError
+
+    def check_keep(self, config, kept: Sequence[int]) -> None:
+        """Raise MoepruneError if a kept set cannot be realised for this family."""
+        n, k = self.num_experts(config), self.top_k(config)
+        ids = list(kept)
+        if len(set(ids)) != len(ids):
+            raise MoepruneError(f"kept experts contain duplicates: {ids}")
+        if any(i < 0 or i >= n for i in ids):
+            raise MoepruneError(f"kept expert ids must be in [0, {n}), got {ids}")
+        if len(ids) < k:
+            raise MoepruneError(
+                f"a layer must keep at least top-k = {k} experts ({self.family} routes each token to {k}); got {len(ids)}"
+            )
+
+    # ------------------------------------------------------------------ modules
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        for path in ("model.layers", "layers", "model.model.layers", "language_model.model.layers"):
+            obj = model
+            for part in path.split("."):
+                obj = getattr(obj, part, None)
+                if obj is None:
+                    break
+            if isinstance(obj, nn.ModuleList):
+                return obj
+        raise MoepruneError(f"cannot find the decoder layers of {type(model).__name__}")
+
+    def blocks(self, model: nn.Module) -> list[tuple[int, nn.Module]]:
+        """(layer index, MoE block) for every MoE layer of a loaded model."""
+        layers = self.decoder_layers(model)
+        out = []
+        for i in self.moe_layers(model.config):
+            block = getattr(layers[i], self.block_attr)
+            if not hasattr(block, self.experts_attr) or not hasattr(block, self.router_attr):
+                raise MoepruneError(f"layer {i} of {type(model).__name__} is not an MoE block ({type(block).__name__})")
+            out.append((i, block))
+        return out
+
+    def router(self, block: nn.Module) -> nn.Module:
+        return getattr(block, self.router_attr)
+
+    def experts(self, block: nn.Module) -> nn.Module:
+        return getattr(block, self.experts_attr)
+
+    def residual_norm(self, layer: nn.Module) -> nn.Module:
+        return getattr(layer, self.residual_norm_attr)
+
+    # ------------------------------------------------------------------ names
+    def _prefix(self, layer: int) -> str:
+        return f"model.layers.{layer}.{self.block_attr}"
+
+    def fused_keys(self, layer: int) -> list[str]:
+        """State-dict names (in memory, fused) of the expert tensors of a layer; dim 0 = expert."""
+        return [f"{self._prefix(layer)}.{self.experts_attr}.{t}" for t in self.expert_tensors]
+
+    def router_keys(self, layer: int) -> list[str]:
+        """State-dict names (in memory) of router tensors with a leading expert dimension."""
+        return [f"{self._prefix(layer)}.{self.router_attr}.{t}" for t in self.router_tensors]
+
+    def ckpt_router_keys(self, layer: int) -> list[str]:
+        """Checkpoint (hub) names of the router tensors with a leading expert dimension."""
+        return [f"model.layers.{layer}.{self.ckpt_block}.{self.ckpt_router}.{t}" for t in self.router_tensors]
+
+    def ckpt_expert_keys(self, layer: int, expert: int) -> list[str]:
+        """Hub per-expert checkpoint names of one expert (gate, up, down); [] if the family is fused on disk."""
+        if self.ckpt_expert_projs is None:
+            return []
+        base = f"model.layers.{layer}.{self.ckpt_block}.experts.{expert}"
+        return [f"{base}.{p}.weight" for p in self.ckpt_expert_projs]
+
+    def ckpt_fused_keys(self, layer: int) -> list[str]:
+        """Fused checkpoint names of a layer's experts (GPT-OSS on the hub; any family after conversion)."""
+        return [f"model.layers.{layer}.{self.ckpt_block}.experts.{t}" for t in self.expert_tensors]
+
+    # ------------------------------------------------------------------ slicing
+    def slice_state_dict(
+        self, state_dict: dict[str, torch.Tensor], kept: dict[int, Sequence[int]]
+    ) -> dict[str, torch.Tensor]:
+        """A fused (in-memory) state dict holding only the kept experts of each layer, renumbered 0..k-1."""
+        out = dict(state_dict)
+        for layer, ids in kept.items():
+            index = torch.as_tensor(sorted(ids), dtype=torch.long)
+            for name in self.fused_keys(layer) + self.router_keys(layer):
+                if name in out:
+                    out[name] = out[name].index_select(0, index).contiguous()
+        return out
+
+
+def masked(logits: torch.Tensor, keep: torch.Tensor | None, fill: float = NEG_INF) -> torch.Tensor:
+    """`logits` with pruned experts set to `fill` (no copy when nothing is pruned)."""
+    if keep is None:
+        return logits
+    return logits.masked_fill(~keep.to(logits.device), fill)
+
+
+def softmax_topk(
+    logits: torch.Tensor,
+    top_k: int,
+    keep: torch.Tensor | None,
+    normalise: bool,
+    cast_back: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax over all experts, top-k, optional renormalisation (Mixtral, Qwen, OLMoE)."""
+    probs = torch.softmax(masked(logits, keep).float(), dim=-1)
+    weights, indices = torch.topk(probs, top_k, dim=-1)
+    if normalise:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if cast_back:
+        weights = weights.to(logits.dtype)
+    return weights, indices
+
+
+def moe_layers_by_step(config, n_experts: int) -> list[int]:
+    """Qwen-style rule: MoE unless in `mlp_only_layers`, every `decoder_sparse_step`-th layer."""
+    only = set(getattr(config, "mlp_only_layers", None) or [])
+    step = int(getattr(config, "decoder_sparse_step", 1) or 1)
+    return [
+        i for i in range(config.num_hidden_layers) if i not in only and n_experts > 0 and (i + 1) % step == 0
+    ]
+
+
+def equal_group_counts(kept: Iterable[int], n_experts: int, n_group: int) -> list[int]:
+    """How many kept experts fall in each of `n_group` contiguous groups."""
+    size = n_experts // n_group
+    counts = [0] * n_group
+    for e in kept:
+        counts[e // size] += 1
+    return counts
