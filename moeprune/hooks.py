@@ -16,6 +16,11 @@ import torch
 from torch import nn
 from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
+try:  # transformers' grouped kernel wrapper: lets the recording path cost no more than the stock one
+    from transformers.integrations.moe import _grouped_linear
+except ImportError:  # pragma: no cover - older/newer transformers: the generic path still works
+    _grouped_linear = None
+
 from .routers.base import MoEAdapter
 
 RECORD_IMPL = "moeprune_record"
@@ -34,21 +39,45 @@ def _inner_forward(module: nn.Module, implementation: str | None) -> Callable:
     return type(module).forward.__wrapped__
 
 
+def _grouped_per_pick(self, hidden_states, top_k_index):
+    """Unweighted expert outputs [T, K, H] with the grouped kernel, the way `grouped_mm` computes them."""
+    n_tokens, k = top_k_index.shape
+    expert_ids, perm = torch.sort(top_k_index.reshape(-1))
+    rows = hidden_states[perm // k]
+    counts = torch.histc(expert_ids.float(), bins=self.num_experts, min=0, max=self.num_experts - 1)
+    offsets = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    up = self.gate_up_proj if self.has_gate else self.up_proj
+    up_bias = (self.gate_up_proj_bias if self.has_gate else self.up_proj_bias)[expert_ids] if self.has_bias else None
+    out = _grouped_linear(rows, up, offsets, bias=up_bias, is_transposed=self.is_transposed)
+    out = self._apply_gate(out) if self.has_gate else self.act_fn(out)
+    down_bias = self.down_proj_bias[expert_ids] if self.has_bias else None
+    out = _grouped_linear(out, self.down_proj, offsets, bias=down_bias, is_transposed=self.is_transposed)
+    if self.has_post_expert_norm:
+        out = self.post_expert_norm(out)
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    return out[inverse].view(n_tokens, k, -1)
+
+
 def _recording_experts_forward(self, hidden_states, top_k_index, top_k_weights):
     entry = _ACTIVE.get(id(self))
     if entry is None:  # an experts module nobody asked to watch: behave like the default
         return ALL_EXPERTS_FUNCTIONS["grouped_mm"](self, hidden_states, top_k_index, top_k_weights)
     inner, callback = entry
     n_tokens, k = top_k_index.shape
-    # One row per (token, pick) with weight 1: the stock kernel then returns unweighted outputs.
-    rows = hidden_states.repeat_interleave(k, dim=0)
-    ones = torch.ones(n_tokens * k, 1, dtype=top_k_weights.dtype, device=top_k_weights.device)
-    per_pick = inner(self, rows, top_k_index.reshape(-1, 1), ones).view(n_tokens, k, -1)
+    if inner is _GROUPED and _grouped_linear is not None and not self._is_expert_parallel:
+        per_pick = _grouped_per_pick(self, hidden_states, top_k_index)
+    else:
+        # Any other kernel: one row per (token, pick) with weight 1 gives unweighted outputs.
+        rows = hidden_states.repeat_interleave(k, dim=0)
+        ones = torch.ones(n_tokens * k, 1, dtype=top_k_weights.dtype, device=top_k_weights.device)
+        per_pick = inner(self, rows, top_k_index.reshape(-1, 1), ones).view(n_tokens, k, -1)
     routed = (per_pick * top_k_weights.unsqueeze(-1)).sum(dim=1).to(hidden_states.dtype)
     callback(top_k_index, top_k_weights, per_pick, routed)
     return routed
 
 
+_GROUPED = ALL_EXPERTS_FUNCTIONS.get("grouped_mm")
 ALL_EXPERTS_FUNCTIONS.register(RECORD_IMPL, _recording_experts_forward)
 
 

@@ -40,10 +40,14 @@ class _Recorder:
         self.prompt_ids: torch.Tensor | None = None  # [B*S] long
         self.residual: dict[int, torch.Tensor] = {}
 
-    def _add(self, name: str, pos: int, index: torch.Tensor, values: torch.Tensor) -> None:
-        acc = torch.zeros(self.n_experts, dtype=torch.float32, device=values.device)
-        acc.index_add_(0, index, values.float())
-        self.stats[name][pos] += acc.to("cpu", torch.float64)
+    def _add(self, pos: int, index: torch.Tensor, **values: torch.Tensor) -> None:
+        # One index_add for all statistics of a layer: fewer small kernels per forward.
+        rows = torch.stack([v.reshape(-1).float() for v in values.values()])
+        acc = torch.zeros(len(values), self.n_experts, dtype=torch.float32, device=rows.device)
+        acc.index_add_(1, index, rows)
+        acc = acc.to("cpu", torch.float64)
+        for i, name in enumerate(values):
+            self.stats[name][pos] += acc[i]
 
     def on_router(self, pos: int, router: nn.Module, logits: torch.Tensor) -> None:
         probs = self.adapter.router_probs(router, logits).reshape(-1, self.n_experts)[self.valid]
@@ -58,17 +62,16 @@ class _Recorder:
         self.residual[pos] = hidden.reshape(-1, hidden.shape[-1])
 
     def on_experts(self, pos: int, indices, weights, per_pick, routed) -> None:
+        # Reduce the big [T, K, H] and [T, H] tensors first; select real tokens on the small results.
+        norms = torch.linalg.vector_norm(per_pick, dim=-1, dtype=torch.float32)  # ||E_i(h_t)|| per pick
+        h = self.residual.pop(pos)
+        contribution = (1 - torch.cosine_similarity(h, h + routed, dim=-1).float()).clamp(min=0)
         v = self.valid
-        idx, w = indices[v], weights[v].float()
-        norms = per_pick[v].float().norm(dim=-1)  # [T, K]: ||E_i(h_t)|| of each pick
-        gn = w * norms
-        h = self.residual.pop(pos)[v].float()
-        contribution = (1 - torch.cosine_similarity(h, h + routed[v].float(), dim=-1)).clamp(min=0)
-        flat = idx.reshape(-1)
-        self._add("frequency", pos, flat, torch.ones_like(flat, dtype=torch.float32))
-        self._add("mass", pos, flat, w.reshape(-1))
-        self._add("gate_norm", pos, flat, gn.reshape(-1))
-        self._add("easy_ep", pos, flat, (gn * contribution.unsqueeze(-1)).reshape(-1))
+        flat = indices[v].reshape(-1)
+        w = weights[v].float()
+        gn = w * norms[v]
+        self._add(pos, flat, frequency=torch.ones_like(w), mass=w, gate_norm=gn,
+                  easy_ep=gn * contribution[v].unsqueeze(-1))
 
 
 def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -137,14 +140,9 @@ def profile(
         with hooks(handles), record_experts(model, callbacks):
             for batch in tqdm(batches, desc="profiling", unit="batch", disable=not progress):
                 width = max(len(encoded[i]) for i in batch)
-                ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), width), dtype=torch.long)
-                owner = torch.zeros((len(batch), width), dtype=torch.long)
-                for row, i in enumerate(batch):
-                    n = len(encoded[i])
-                    ids[row, :n] = torch.tensor(encoded[i])
-                    mask[row, :n] = 1
-                    owner[row] = i
+                ids = torch.tensor([encoded[i] + [pad_id] * (width - len(encoded[i])) for i in batch])
+                mask = torch.tensor([[1] * len(encoded[i]) + [0] * (width - len(encoded[i])) for i in batch])
+                owner = torch.tensor(batch).unsqueeze(1).expand(-1, width)
                 rec.valid = mask.reshape(-1).bool().to(device)
                 rec.prompt_ids = owner.reshape(-1).to(device)
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)

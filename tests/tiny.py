@@ -6,7 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 COMMON = dict(
-    vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+    vocab_size=128, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
     bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
 )
@@ -50,4 +50,27 @@ def tiny_model(model_type: str, seed: int = 0, **overrides):
         for name, b in model.named_buffers():
             if "e_score_correction_bias" in name:
                 b.normal_(0, 0.1)
+    return model
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer (printable ASCII), buildable offline."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for c in range(32, 127):
+        vocab[chr(c)] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def save_tiny(model_type: str, folder, seed: int = 0, **overrides):
+    """Write a tiny model and its tokenizer as a checkpoint folder; return the model."""
+    model = tiny_model(model_type, seed=seed, **overrides)
+    model.save_pretrained(folder)
+    char_tokenizer().save_pretrained(folder)
     return model

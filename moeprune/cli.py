@@ -1,0 +1,114 @@
+"""The `moeprune` command line. Errors print one line and return a non-zero status."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from .errors import MoepruneError
+
+
+def _cmd_profile(args) -> int:
+    from .profiler import profile
+
+    out = Path(args.output)
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise MoepruneError(f"{out} already exists and is not empty; pass --force to replace it")
+    prof = profile(
+        args.model, args.prompts, domain=args.domain, batch_size=args.batch_size, max_length=args.max_length,
+        tcess_threshold=args.tcess_threshold, dtype=args.dtype, progress=not args.quiet,
+    )
+    prof.save(out, overwrite=args.force)
+    print(f"profiled {prof.n_prompts} prompts ({prof.n_tokens} tokens) over {len(prof.moe_layers)} MoE layers "
+          f"x {prof.num_experts} experts -> {out}")
+    return 0
+
+
+def _load_artefact(path: str):
+    from .profiles import Profile
+
+    p = Path(path)
+    if p.is_dir() and (p / "profile.json").exists():
+        return Profile.load(p)
+    if not p.exists():
+        raise MoepruneError(f"not found: {p}")
+    raise MoepruneError(f"{p} is not a moeprune profile folder (no profile.json)")
+
+
+def _cmd_inspect(args) -> int:
+    from .profiles import Profile
+    from .report import summarize_profile
+
+    art = _load_artefact(args.path)
+    if isinstance(art, Profile):
+        print(summarize_profile(art, top=args.top))
+    return 0
+
+
+def _cmd_plot(args) -> int:
+    from .profiles import Profile
+    from .report import plot_profile
+
+    art = _load_artefact(args.path)
+    if not isinstance(art, Profile):
+        raise MoepruneError(f"{args.path} is not a profile")
+    plot_profile(art, args.output, criterion=args.criterion)
+    print(f"wrote {args.output}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .version import __version__
+
+    parser = argparse.ArgumentParser(prog="moeprune", description="Keep only the experts a task needs.")
+    parser.add_argument("--version", action="version", version=f"moeprune {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("profile", help="profile a domain from a handful of prompts")
+    p.add_argument("model", help="checkpoint folder (or hub id)")
+    p.add_argument("--prompts", required=True, help=".txt (one prompt per line) or .jsonl (text or messages)")
+    p.add_argument("--domain", required=True, help="name of the domain these prompts stand for")
+    p.add_argument("-o", "--output", required=True, help="profile folder to write")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-length", type=int, default=512, help="tokens per prompt (longer ones are truncated)")
+    p.add_argument("--tcess-threshold", type=float, default=0.0,
+                   help="PreMoe confidence filter: count router probabilities only above this")
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_profile)
+
+    p = sub.add_parser("inspect", help="print a readable summary of a profile")
+    p.add_argument("path")
+    p.add_argument("--top", type=int, default=5, help="experts to list per layer and criterion")
+    p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("plot", help="draw a layer x expert heatmap of a profile")
+    p.add_argument("path")
+    p.add_argument("-o", "--output", required=True, help="PNG file to write")
+    p.add_argument("--criterion", default="easy_ep", help="frequency, mass, tcess, easy_ep, reap or gate_norm")
+    p.set_defaults(func=_cmd_plot)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except MoepruneError as e:
+        print(f"moeprune: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        print(f"moeprune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("moeprune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
