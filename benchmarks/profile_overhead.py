@@ -70,7 +70,7 @@ def main() -> None:
             times[name].append(clock() - t0)
     p, q = statistics.median(times["plain"]), statistics.median(times["profile"])
     # Each pair ran back to back, so its ratio cancels slow drifts of a shared machine.
-    pair = statistics.median(b / a for a, b in zip(times["plain"], times["profile"]))
+    pair = statistics.median(b / a for a, b in zip(times["plain"], times["profile"], strict=True))
     print(f"plain forward      median {p * 1e3:8.1f} ms  (runs={args.runs}, threads={args.threads}, {args.clock} clock)")
     print(f"profiling forward  median {q * 1e3:8.1f} ms")
     print(f"ratio of medians profile/plain: {q / p:.3f}x; median of paired ratios: {pair:.3f}x  (target <= 1.10x)")

@@ -101,9 +101,9 @@ def test_criteria_match_hand_computation(tok):
     n_routed = torch.zeros(4)
     for t in range(x.shape[0]):
         outs = [expert(int(e), x[t]) for e in top_i[t]]
-        routed = sum(w * o for w, o in zip(top_w[t], outs))
+        routed = sum(w * o for w, o in zip(top_w[t], outs, strict=True))
         s_t = max(0.0, 1 - torch.nn.functional.cosine_similarity(h[t], h[t] + routed, dim=0).item())
-        for w, e, o in zip(top_w[t], top_i[t], outs):
+        for w, e, o in zip(top_w[t], top_i[t], outs, strict=True):
             e = int(e)
             want["frequency"][e] += 1
             want["mass"][e] += w.item()
