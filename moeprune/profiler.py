@@ -24,6 +24,7 @@ from .profiles import STATS, Profile
 from .prompts import read_prompts, render
 from .routers import get_adapter
 from .routers.base import MoEAdapter
+from .version import PROFILE_FORMAT, __version__
 
 
 class _Recorder:
@@ -163,6 +164,8 @@ def profile(
         "top_k": adapter.top_k(model.config),
         "tcess_threshold": tcess_threshold,
         "max_length": max_length,
+        "moeprune_version": __version__,
+        "format_version": PROFILE_FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     signatures = (rec.sig_sum / rec.sig_count.clamp(min=1).unsqueeze(-1)).float()

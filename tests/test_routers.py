@@ -116,3 +116,30 @@ def test_keep_constraints():
         get_adapter(mix).check_keep(mix.config, [3])
     with pytest.raises(MoepruneError, match=r"\[0, 8\)"):
         get_adapter(mix).check_keep(mix.config, [3, 9])
+
+
+@pytest.mark.parametrize("model_type", ALL)
+def test_checkpoint_key_names(model_type, tmp_path):
+    """The adapter's checkpoint names are the ones save_pretrained writes (hub layout)."""
+    from safetensors import safe_open
+
+    model = tiny_model(model_type)
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    adapter = get_adapter(model)
+    n = adapter.num_experts(model.config)
+    for layer in adapter.moe_layers(model.config):
+        for name in adapter.ckpt_router_keys(layer):
+            assert name in keys
+        if adapter.ckpt_expert_projs is None:
+            for name in adapter.ckpt_fused_keys(layer):
+                assert name in keys
+        else:
+            for e in range(n):
+                for name in adapter.ckpt_expert_keys(layer, e):
+                    assert name in keys
+    state = model.state_dict()
+    for layer in adapter.moe_layers(model.config):
+        for name in adapter.fused_keys(layer) + adapter.router_keys(layer):
+            assert state[name].shape[0] == n
