@@ -30,7 +30,8 @@ from .version import PROFILE_FORMAT, __version__
 class _Recorder:
     """Accumulates the statistics of every MoE layer while the model runs."""
 
-    def __init__(self, adapter: MoEAdapter, n_layers: int, n_experts: int, n_prompts: int, threshold: float):
+    def __init__(self, adapter: MoEAdapter, n_layers: int, n_experts: int, n_prompts: int, threshold: float,
+                 routing_cap: int):
         self.adapter = adapter
         self.n_experts = n_experts
         self.threshold = threshold
@@ -40,6 +41,9 @@ class _Recorder:
         self.valid: torch.Tensor | None = None  # [B*S] bool: real tokens of the current batch
         self.prompt_ids: torch.Tensor | None = None  # [B*S] long
         self.residual: dict[int, torch.Tensor] = {}
+        # Per-token top-k picks (first `routing_cap` real tokens) for miss-rate diagnostics.
+        self.routing: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+        self.routing_left = [routing_cap] * n_layers
 
     def _add(self, pos: int, index: torch.Tensor, **values: torch.Tensor) -> None:
         # One index_add for all statistics of a layer: fewer small kernels per forward.
@@ -68,7 +72,12 @@ class _Recorder:
         h = self.residual.pop(pos)
         contribution = (1 - torch.cosine_similarity(h, h + routed, dim=-1).float()).clamp(min=0)
         v = self.valid
-        flat = indices[v].reshape(-1)
+        picks = indices[v]
+        flat = picks.reshape(-1)
+        if self.routing_left[pos] > 0:
+            kept = picks[: self.routing_left[pos]].to("cpu", torch.int16)
+            self.routing[pos].append(kept)
+            self.routing_left[pos] -= len(kept)
         w = weights[v].float()
         gn = w * norms[v]
         self._add(pos, flat, frequency=torch.ones_like(w), mass=w, gate_norm=gn,
@@ -91,6 +100,7 @@ def profile(
     batch_size: int = 8,
     max_length: int = 512,
     tcess_threshold: float = 0.0,
+    routing_tokens: int = 65536,
     dtype=None,
     progress: bool = False,
 ) -> Profile:
@@ -99,6 +109,7 @@ def profile(
     `model` is a loaded transformers MoE model or a checkpoint folder (or hub id). `prompts` is a
     list of strings / chat-message lists, or a .txt (one per line) or .jsonl (`text` or
     `messages`) file. Prompts run in right-padded batches; padding tokens are never counted.
+    The top-k picks of the first `routing_tokens` real tokens are kept for diagnostics.
     """
     if batch_size < 1:
         raise MoepruneError(f"batch_size must be >= 1, got {batch_size}")
@@ -125,7 +136,7 @@ def profile(
         encoded.append(ids)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
 
-    rec = _Recorder(adapter, len(blocks), n_experts, len(items), tcess_threshold)
+    rec = _Recorder(adapter, len(blocks), n_experts, len(items), tcess_threshold, routing_tokens)
     handles, callbacks = [], {}
     for pos, (layer, block) in enumerate(blocks):
         handles.append(adapter.router(block).register_forward_hook(
@@ -162,6 +173,7 @@ def profile(
         "moe_layers": [layer for layer, _ in blocks],
         "num_experts": n_experts,
         "top_k": adapter.top_k(model.config),
+        "groups": adapter.groups(model.config),
         "tcess_threshold": tcess_threshold,
         "max_length": max_length,
         "moeprune_version": __version__,
@@ -169,4 +181,5 @@ def profile(
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
     signatures = (rec.sig_sum / rec.sig_count.clamp(min=1).unsqueeze(-1)).float()
-    return Profile({k: v for k, v in rec.stats.items()}, signatures, meta)
+    routing = torch.stack([torch.cat(r) for r in rec.routing]) if routing_tokens > 0 else None
+    return Profile(dict(rec.stats), signatures, meta, routing)

@@ -49,6 +49,7 @@ class Profile:
     stats: dict[str, torch.Tensor]
     signatures: torch.Tensor  # [n_prompts, n_experts]: first MoE layer's mean router probability per prompt
     meta: dict = field(default_factory=dict)
+    routing: torch.Tensor | None = None  # [n_moe_layers, n_tokens_kept, top_k] int16: per-token picks
 
     # ------------------------------------------------------------ views
     @property
@@ -88,6 +89,19 @@ class Profile:
             return self.stats["tcess"] / max(self.n_tokens, 1)
         return self.stats[c].clone()
 
+    def select(self, keep: float | int = 0.5, criterion: str = "easy_ep", strategy: str = "uniform",
+               seed: int = 0):
+        """A `Pattern` keeping, per MoE layer, the experts this profile scores highest.
+
+        `keep`: a fraction of each layer's experts (0 < keep <= 1) or a count per layer.
+        `criterion`: frequency, mass, tcess, easy_ep, reap, gate_norm, or random (seeded).
+        `strategy`: "uniform" (same count per layer) or "global" (same total, spent where the
+        per-layer normalised scores are largest).
+        """
+        from .pattern import select
+
+        return select(self, keep=keep, criterion=criterion, strategy=strategy, seed=seed)
+
     # ------------------------------------------------------------ merge
     def merge(self, other: Profile) -> Profile:
         """A profile of both runs: statistics add, signatures concatenate."""
@@ -103,7 +117,10 @@ class Profile:
         meta["n_tokens"] = self.n_tokens + other.n_tokens
         meta["created"] = _now()
         stats = {k: self.stats[k] + other.stats[k] for k in STATS}
-        return Profile(stats, torch.cat([self.signatures, other.signatures]), meta)
+        routing = None
+        if self.routing is not None and other.routing is not None:
+            routing = torch.cat([self.routing, other.routing], dim=1)
+        return Profile(stats, torch.cat([self.signatures, other.signatures]), meta, routing)
 
     __add__ = merge
 
@@ -112,6 +129,8 @@ class Profile:
         """Write the profile folder atomically; an existing non-empty folder needs `overwrite`."""
         tensors = {k: self.stats[k].contiguous() for k in STATS}
         tensors["signatures"] = self.signatures.contiguous()
+        if self.routing is not None:
+            tensors["routing"] = self.routing.contiguous()
         with atomic_dir(path, overwrite=overwrite) as tmp:
             save_file(tensors, str(tmp / "profile.safetensors"), metadata={"format": "moeprune-profile"})
             meta = dict(self.meta, format_version=PROFILE_FORMAT, moeprune_version=__version__)
@@ -148,7 +167,7 @@ class Profile:
         for k in STATS:
             if tuple(tensors[k].shape) != shape:
                 raise MoepruneError(f"profile {path}: {k} has shape {tuple(tensors[k].shape)}, expected {shape}")
-        return cls({k: tensors[k] for k in STATS}, tensors["signatures"], meta)
+        return cls({k: tensors[k] for k in STATS}, tensors["signatures"], meta, tensors.get("routing"))
 
     from_pretrained = load
 

@@ -78,6 +78,10 @@ class MoEAdapter:
         """
         raise NotImplementedError
 
+    def groups(self, config) -> dict | None:
+        """Group-limited routing constraint: {"n_group", "topk_group", "min_per_group"}, or None."""
+        return None
+
     def check_keep(self, config, kept: Sequence[int]) -> None:
         """Raise MoepruneError if a kept set cannot be realised for this family."""
         n, k = self.num_experts(config), self.top_k(config)

@@ -45,13 +45,17 @@ class _DeepseekBase(MoEAdapter):
     def _grouped(self, config) -> bool:
         return True
 
+    def groups(self, config):
+        n_group = int(getattr(config, "n_group", None) or 1)
+        if not self._grouped(config) or n_group <= 1:
+            return None
+        return {"n_group": n_group, "topk_group": int(config.topk_group), "min_per_group": self.min_per_group}
+
     def check_keep(self, config, kept):
         super().check_keep(config, kept)
-        if not self._grouped(config):
+        if self.groups(config) is None:
             return
-        n_group = int(config.n_group or 1)
-        if n_group <= 1:
-            return
+        n_group = int(config.n_group)
         counts = equal_group_counts(kept, self.num_experts(config), n_group)
         if len(set(counts)) != 1 or counts[0] < self.min_per_group:
             raise MoepruneError(

@@ -1,0 +1,257 @@
+"""`load_slim(path, pattern)`: a transformers model that holds only a pattern's experts, built
+straight from the checkpoint's safetensors without ever materialising the full model.
+
+The skeleton is built on the meta device (accelerate's `init_empty_weights`: parameters cost no
+memory, buffers such as rotary tables are computed normally). Every parameter is then read
+through `CheckpointReader`: non-expert tensors whole, kept experts by their byte ranges
+(per-expert hub keys, or rows of fused tensors), routers whole (they are small and also give the
+fingerprint) and sliced to the kept rows. Nothing of a pruned expert's weights is read.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import MoepruneError
+from .fingerprint import fingerprint_from_parts
+from .models import check_model_path, parse_dtype
+from .pattern import Pattern
+from .reader import CheckpointReader
+from .routers import get_adapter
+from .routers.base import MoEAdapter
+
+
+@dataclass
+class LoadReport:
+    """What `load_slim` read: for tests and benchmarks."""
+
+    bytes_read: int = 0
+    tensors_read: int = 0
+    reads: list = field(default_factory=list)
+
+
+def load_config(path: str):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise MoepruneError(f"cannot load the config of {path}: {str(e).splitlines()[0]}") from None
+
+
+def checkpoint_name(reader: CheckpointReader, name: str, adapter: MoEAdapter) -> str | None:
+    """The checkpoint key holding in-memory tensor `name` (hub names may differ: block_sparse_moe, gate)."""
+    candidates = [
+        name,
+        name.replace(f".{adapter.block_attr}.{adapter.router_attr}.", f".{adapter.ckpt_block}.{adapter.ckpt_router}."),
+        name.replace(f".{adapter.block_attr}.", f".{adapter.ckpt_block}."),
+    ]
+    for c in candidates:
+        if c in reader:
+            return c
+    return None
+
+
+def read_routers(reader: CheckpointReader, adapter: MoEAdapter, layers: list[int]) -> dict[str, torch.Tensor]:
+    """Full router tensors (weight, bias, correction bias) of every MoE layer, by in-memory name."""
+    out = {}
+    for layer in layers:
+        for name in adapter.router_keys(layer):
+            key = checkpoint_name(reader, name, adapter)
+            if key is None:
+                if name.endswith(".weight"):
+                    raise MoepruneError(f"checkpoint {reader.folder} lacks the router weight of layer {layer} ({name})")
+                continue
+            out[name] = reader.get(key)
+    return out
+
+
+def checkpoint_fingerprint(config, routers: dict[str, torch.Tensor], adapter: MoEAdapter, layers) -> str:
+    weights = [routers[adapter.router_keys(layer)[0]] for layer in layers]
+    return fingerprint_from_parts(config, weights)
+
+
+def check_pattern(pattern: Pattern, config, adapter: MoEAdapter, fingerprint: str | None) -> None:
+    """Refuse a pattern made for another model or one the router cannot realise."""
+    if fingerprint is not None and pattern.fingerprint and pattern.fingerprint != fingerprint:
+        raise MoepruneError(
+            f"the pattern was made for another model (fingerprint {pattern.fingerprint}, this checkpoint "
+            f"is {fingerprint}); profile this model and select again"
+        )
+    layers = adapter.moe_layers(config)
+    if sorted(pattern.kept) != layers:
+        raise MoepruneError(f"the pattern covers MoE layers {sorted(pattern.kept)}, the model has {layers}")
+    if pattern.meta.get("num_experts") not in (None, adapter.num_experts(config)):
+        raise MoepruneError(f"the pattern is for {pattern.meta['num_experts']} experts per layer, "
+                            f"the model has {adapter.num_experts(config)}")
+    for layer, ids in pattern.kept.items():
+        try:
+            adapter.check_keep(config, ids)
+        except MoepruneError as e:
+            raise MoepruneError(f"layer {layer}: {e}") from None
+
+
+def read_experts(reader: CheckpointReader, adapter: MoEAdapter, layer: int, kept: list[int]) -> dict[str, torch.Tensor]:
+    """Fused tensors of the kept experts of a layer (in the kept order), by in-memory name."""
+    out = {}
+    fused_names = adapter.fused_keys(layer)
+    fused_keys = [checkpoint_name(reader, n, adapter) for n in fused_names]
+    if all(k is not None for k in fused_keys):
+        for name, key in zip(fused_names, fused_keys, strict=True):
+            out[name] = reader.get_rows(key, kept)
+        return out
+    if adapter.ckpt_expert_projs is None:
+        raise MoepruneError(f"checkpoint {reader.folder} lacks the experts of layer {layer} ({fused_names[0]})")
+    gate_up, down = [], []
+    for e in kept:
+        keys = adapter.ckpt_expert_keys(layer, e)
+        missing = [k for k in keys if k not in reader]
+        if missing:
+            raise MoepruneError(f"checkpoint {reader.folder} lacks {missing[0]}")
+        g, u, d = (reader.get(k) for k in keys)
+        gate_up.append(torch.cat([g, u], dim=0))
+        down.append(d)
+    gu_name, down_name = fused_names[0], fused_names[1]
+    out[gu_name] = torch.stack(gate_up)
+    out[down_name] = torch.stack(down)
+    return out
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if attr in module._parameters:
+        module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+    elif attr in module._buffers:
+        module._buffers[attr] = value
+    else:
+        raise MoepruneError(f"internal: {name} is neither a parameter nor a buffer")
+
+
+def _resize_layer(adapter: MoEAdapter, block: nn.Module, count: int, top_k: int) -> None:
+    """Make a MoE block's modules agree with `count` experts (their forwards read these attributes)."""
+    for module in (block, adapter.router(block), adapter.experts(block)):
+        if hasattr(module, "num_experts"):
+            module.num_experts = count
+        if hasattr(module, "top_k"):
+            module.top_k = min(module.top_k, count, top_k) if isinstance(module.top_k, int) else module.top_k
+
+
+def load_slim(
+    model_path: str | os.PathLike,
+    pattern: Pattern | str | os.PathLike,
+    dtype=None,
+    device: str | torch.device = "cpu",
+    verify: bool = True,
+):
+    """A model with only `pattern`'s experts (renumbered 0..k-1), loaded from `model_path`'s safetensors.
+
+    Uniform patterns give the stock transformers class with the expert count set to k; non-uniform
+    ones give the same class with each MoE layer sized to its own count. With `verify`, a pattern
+    made for another model (fingerprint mismatch) is refused.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    if not isinstance(pattern, Pattern):
+        pattern = Pattern.load(pattern)
+    path = check_model_path(model_path)
+    if not os.path.isdir(path):
+        from huggingface_hub import snapshot_download
+
+        try:
+            path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+        except Exception as e:
+            raise MoepruneError(f"model folder not found and hub download failed for {model_path}: {e}") from None
+    config = load_config(path)
+    adapter = get_adapter(config)
+    layers = adapter.moe_layers(config)
+    report = LoadReport()
+    with CheckpointReader(path) as reader:
+        routers = read_routers(reader, adapter, layers)
+        fp = checkpoint_fingerprint(config, routers, adapter, layers) if verify else None
+        check_pattern(pattern, config, adapter, fp)
+
+        counts = pattern.counts
+        top_k = adapter.top_k(config)
+        slim_config = adapter.sliced_config(config, max(counts.values()))
+        if not pattern.is_uniform:
+            slim_config.moeprune_experts_per_layer = {str(k): v for k, v in counts.items()}
+        target = parse_dtype(dtype) or _checkpoint_dtype(config, reader)
+        with init_empty_weights():
+            model = AutoModelForCausalLM.from_config(slim_config, dtype=target)
+        for layer, block in adapter.blocks(model):
+            _resize_layer(adapter, block, counts[layer], top_k)
+
+        expert_names = set()
+        for layer in layers:
+            kept = pattern.kept[layer]
+            index = torch.as_tensor(kept, dtype=torch.long)
+            for name, tensor in read_experts(reader, adapter, layer, kept).items():
+                expert_names.add(name)
+                _set_tensor(model, name, _cast(tensor, model, name))
+            for name, tensor in routers.items():
+                if name.startswith(f"model.layers.{layer}."):
+                    expert_names.add(name)
+                    _set_tensor(model, name, _cast(tensor.index_select(0, index).contiguous(), model, name))
+
+        tied = _tied_names(model)
+        for name, _ in list(model.named_parameters()) + list(model.named_buffers()):
+            if name in expert_names or name in tied:
+                continue
+            key = checkpoint_name(reader, name, adapter)
+            if key is None:
+                if _is_meta(model, name):
+                    raise MoepruneError(f"checkpoint {path} lacks tensor {name}")
+                continue  # a buffer computed at construction (rotary tables) and not stored
+            _set_tensor(model, name, _cast(reader.get(key), model, name))
+        report.bytes_read, report.tensors_read, report.reads = reader.bytes_read, len(reader.reads), list(reader.reads)
+
+    model.tie_weights()
+    left = [n for n, p in model.named_parameters() if p.is_meta]
+    if left:
+        raise MoepruneError(f"checkpoint {path} lacks tensors: {', '.join(left[:5])}")
+    model.eval().to(device)
+    model.config._name_or_path = str(path)
+    model.moeprune_pattern = pattern
+    model.moeprune_load_report = report
+    return model
+
+
+def _checkpoint_dtype(config, reader: CheckpointReader) -> torch.dtype:
+    d = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(d, torch.dtype):
+        return d
+    if isinstance(d, str) and d != "auto":
+        return parse_dtype(d)
+    for key in reader.keys():
+        if reader.dtype(key).is_floating_point:
+            return reader.dtype(key)
+    return torch.float32
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    out = model.get_output_embeddings()
+    return {n for n, p in model.named_parameters() if out is not None and p is out.weight}
+
+
+def _is_meta(model: nn.Module, name: str) -> bool:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    t = module._parameters.get(attr, module._buffers.get(attr))
+    return t is not None and t.is_meta
+
+
+def _cast(tensor: torch.Tensor, model: nn.Module, name: str) -> torch.Tensor:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    current = module._parameters.get(attr, module._buffers.get(attr))
+    if current is not None and current.is_floating_point() and tensor.is_floating_point():
+        return tensor.to(current.dtype)
+    return tensor
