@@ -1,13 +1,22 @@
 """moeprune: keep only the experts a task needs."""
 
 from .errors import FormatVersionError, MoepruneError, PromptError, UnsupportedModelError
+from .export import export
+from .pattern import Diagnostics, Pattern, diagnose, select_union
 from .profiler import profile
 from .profiles import CRITERIA, Profile
 from .routers import get_adapter, supported
+from .slim import load_slim
 from .version import __version__
 
 __all__ = [
     "CRITERIA",
+    "Diagnostics",
+    "Pattern",
+    "diagnose",
+    "export",
+    "load_slim",
+    "select_union",
     "FormatVersionError",
     "MoepruneError",
     "Profile",

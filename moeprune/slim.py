@@ -228,7 +228,7 @@ def _checkpoint_dtype(config, reader: CheckpointReader) -> torch.dtype:
         return d
     if isinstance(d, str) and d != "auto":
         return parse_dtype(d)
-    for key in reader.keys():
+    for key in reader.keys():  # noqa: SIM118 - the reader has no __iter__
         if reader.dtype(key).is_floating_point:
             return reader.dtype(key)
     return torch.float32
