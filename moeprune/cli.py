@@ -27,23 +27,80 @@ def _cmd_profile(args) -> int:
 
 
 def _load_artefact(path: str):
+    from .pattern import Pattern
     from .profiles import Profile
 
     p = Path(path)
     if p.is_dir() and (p / "profile.json").exists():
         return Profile.load(p)
+    if p.is_file() and p.suffix == ".json":
+        return Pattern.load(p)
+    if p.is_dir() and (p / "pattern.json").exists():
+        return Pattern.load(p / "pattern.json")
     if not p.exists():
         raise MoepruneError(f"not found: {p}")
-    raise MoepruneError(f"{p} is not a moeprune profile folder (no profile.json)")
+    raise MoepruneError(f"{p} is neither a moeprune profile folder nor a pattern file")
 
 
 def _cmd_inspect(args) -> int:
     from .profiles import Profile
-    from .report import summarize_profile
+    from .report import summarize_pattern, summarize_profile
 
     art = _load_artefact(args.path)
     if isinstance(art, Profile):
         print(summarize_profile(art, top=args.top))
+    else:
+        profile = Profile.load(args.profile) if args.profile else None
+        print(summarize_pattern(art, profile))
+    return 0
+
+
+def _parse_keep(text: str) -> float | int:
+    try:
+        return int(text) if text.strip().isdigit() else float(text)
+    except ValueError:
+        raise MoepruneError(f"--keep must be a fraction in (0, 1] or an expert count, got {text!r}") from None
+
+
+def _cmd_select(args) -> int:
+    from .pattern import diagnose, select_union
+    from .profiles import Profile
+    from .report import summarize_pattern
+
+    profiles = [Profile.load(p) for p in args.profile]
+    keep = _parse_keep(args.keep)
+    if len(profiles) == 1:
+        pattern = profiles[0].select(keep=keep, criterion=args.criterion, strategy=args.strategy, seed=args.seed)
+    else:
+        pattern = select_union(profiles, keep=keep, criterion=args.criterion, strategy=args.strategy, seed=args.seed)
+    out = Path(args.output)
+    if out.exists() and not args.force:
+        raise MoepruneError(f"{out} already exists; pass --force to replace it")
+    pattern.save(out)
+    merged = profiles[0]
+    for p in profiles[1:]:
+        merged = merged.merge(p)
+    print(summarize_pattern(pattern, merged, diagnostics=diagnose(merged, pattern)))
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .export import export
+    from .pattern import Pattern
+    from .profiles import Profile
+
+    if bool(args.pattern) == bool(args.profile):
+        raise MoepruneError("give exactly one of --pattern FILE or --profile DIR (with --keep)")
+    if args.pattern:
+        pattern = Pattern.load(args.pattern)
+    else:
+        pattern = Profile.load(args.profile).select(keep=_parse_keep(args.keep), criterion=args.criterion,
+                                                    strategy="uniform")
+    out = export(args.model, pattern, args.output, force=args.force, max_shard_size=args.max_shard_size,
+                 progress=not args.quiet)
+    k = next(iter(pattern.counts.values()))
+    print(f"exported {k} of {pattern.num_experts} experts per layer ({len(pattern.kept)} MoE layers) -> {out}")
     return 0
 
 
@@ -80,10 +137,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_profile)
 
-    p = sub.add_parser("inspect", help="print a readable summary of a profile")
-    p.add_argument("path")
+    p = sub.add_parser("inspect", help="print a readable summary of a profile or a pattern")
+    p.add_argument("path", help="profile folder, pattern .json, or exported checkpoint folder")
     p.add_argument("--top", type=int, default=5, help="experts to list per layer and criterion")
+    p.add_argument("--profile", help="for a pattern: a profile to compute its diagnostics on")
     p.set_defaults(func=_cmd_inspect)
+
+    p = sub.add_parser("select", help="choose the experts to keep from one or more profiles")
+    p.add_argument("profile", nargs="+", help="profile folder(s); several are combined (per-layer normalised)")
+    p.add_argument("--keep", required=True, help="fraction of experts per layer (0.5) or a count per layer (16)")
+    p.add_argument("--criterion", default="easy_ep",
+                   help="frequency, mass, tcess, easy_ep, reap, gate_norm or random")
+    p.add_argument("--strategy", default="uniform", choices=["uniform", "global"])
+    p.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
+    p.add_argument("-o", "--output", required=True, help="pattern .json to write")
+    p.add_argument("--force", action="store_true", help="replace an existing pattern file")
+    p.set_defaults(func=_cmd_select)
+
+    p = sub.add_parser("export", help="write a pruned checkpoint that vanilla transformers and vLLM load")
+    p.add_argument("model", help="source checkpoint folder")
+    p.add_argument("--pattern", help="pattern .json")
+    p.add_argument("--profile", help="profile folder to select from (with --keep)")
+    p.add_argument("--keep", default="0.5", help="with --profile: fraction or count per layer")
+    p.add_argument("--criterion", default="easy_ep", help="with --profile: the selection criterion")
+    p.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
+    p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("plot", help="draw a layer x expert heatmap of a profile")
     p.add_argument("path")

@@ -95,3 +95,43 @@ def plot_profile(profile: Profile, out: str | os.PathLike, criterion: str = "eas
         raise MoepruneError(f"cannot write plot {out}: {e}") from None
     finally:
         plt.close(fig)
+
+
+def summarize_pattern(pattern, profile=None, diagnostics=None) -> str:
+    """A pattern's budget and kept experts; with a profile, its routing-mass and miss-rate diagnostics."""
+    from .pattern import diagnose
+
+    m = pattern.meta
+    counts = pattern.counts
+    lines = [
+        f"Pattern for {m.get('family') or m.get('model_type')} model {m.get('model') or ''}".rstrip(),
+        f"  domains       {', '.join(m.get('domains') or []) or '-'}",
+        f"  criterion     {m.get('criterion')}   keep {m.get('keep')}   strategy {m.get('strategy')}",
+        f"  kept          {pattern.n_kept} of {len(counts) * pattern.num_experts} experts "
+        f"({pattern.kept_fraction:.1%}); per layer {min(counts.values())}-{max(counts.values())}"
+        f"{' (uniform)' if pattern.is_uniform else ' (non-uniform)'}",
+        f"  fingerprint   {pattern.fingerprint}",
+    ]
+    if profile is not None and diagnostics is None:
+        diagnostics = diagnose(profile, pattern)
+    if diagnostics is not None:
+        d = diagnostics
+        lines.append(f"  routing mass kept {d.mean_mass_kept:.1%} (mean over layers)")
+        if d.miss_rate is not None:
+            lines.append(f"  tokens whose top-k hit a pruned expert: {d.mean_miss_rate:.1%} per layer on average, "
+                         f"{d.any_layer_miss:.1%} in at least one layer ({d.n_tokens} calibration tokens)")
+    lines.append("")
+    head = f"  {'layer':>5}  {'kept':>4}"
+    if diagnostics is not None:
+        head += f"  {'mass kept':>9}"
+        if diagnostics.miss_rate is not None:
+            head += f"  {'miss rate':>9}"
+    lines.append(head + "  experts")
+    for layer, ids in pattern.kept.items():
+        row = f"  {layer:>5}  {len(ids):>4}"
+        if diagnostics is not None:
+            row += f"  {diagnostics.mass_kept[layer]:>9.1%}"
+            if diagnostics.miss_rate is not None:
+                row += f"  {diagnostics.miss_rate[layer]:>9.1%}"
+        lines.append(row + "  " + ",".join(map(str, ids)))
+    return "\n".join(lines)

@@ -1,0 +1,155 @@
+"""load_slim: equals the masked full model for every family, reads only kept experts' bytes."""
+
+import json
+import random
+
+import pytest
+import torch
+from tiny import FAMILIES, char_tokenizer, save_tiny
+from transformers import AutoModelForCausalLM
+
+import moeprune
+from moeprune import MoepruneError, Pattern, get_adapter, load_slim
+from moeprune.hooks import keep_mask
+from moeprune.reader import CheckpointReader
+
+PROMPTS = ["def f(x):\n    return x * 2", "And God said, Let there be light", "#include <stdlib.h>"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return char_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """model_type -> (folder, full model); every other family saved sharded."""
+    out = {}
+    for i, model_type in enumerate(FAMILIES):
+        folder = tmp_path_factory.mktemp(model_type)
+        model = save_tiny(model_type, folder)
+        if i % 2:
+            model.save_pretrained(folder, max_shard_size="60KB")
+            (folder / "model.safetensors").unlink(missing_ok=True)
+        out[model_type] = (folder, model)
+    return out
+
+
+def _compare(full, slim, pattern):
+    adapter = get_adapter(full)
+    ids = torch.randint(4, 100, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), keep_mask(full, adapter, pattern.keep_masks()):
+        want = full(ids).logits
+        want_gen = full.generate(ids[:1], max_new_tokens=8, do_sample=False)
+    with torch.no_grad():
+        got = slim(ids).logits
+        got_gen = slim.generate(ids[:1], max_new_tokens=8, do_sample=False)
+    assert (want - got).abs().max().item() <= 1e-5
+    assert torch.equal(want_gen, got_gen)
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+@pytest.mark.parametrize("strategy", ["uniform", "global"])
+def test_slim_equals_masked_full(model_type, strategy, checkpoints, tok):
+    folder, full = checkpoints[model_type]
+    prof = moeprune.profile(full, PROMPTS, tokenizer=tok)
+    pattern = prof.select(keep=0.5, strategy=strategy)
+    slim = load_slim(folder, pattern)
+    assert type(slim) is type(full)
+    adapter = get_adapter(full)
+    for layer, block in adapter.blocks(slim):
+        assert adapter.experts(block).gate_up_proj.shape[0] == pattern.counts[layer]
+    if pattern.is_uniform:
+        assert adapter.num_experts(slim.config) == pattern.counts[adapter.moe_layers(full.config)[0]]
+    _compare(full, slim, pattern)
+
+
+def test_reads_only_kept_experts(checkpoints):
+    folder, full = checkpoints["mixtral"]
+    adapter = get_adapter(full)
+    rng = random.Random(0)
+    pattern = Pattern({layer: sorted(rng.sample(range(8), 3)) for layer in adapter.moe_layers(full.config)},
+                      {"num_experts": 8, "fingerprint": None})
+    slim = load_slim(folder, pattern)
+    report = slim.moeprune_load_report
+    with CheckpointReader(folder) as reader:
+        keys = reader.keys()
+        pruned, expected = [], 0
+        for key in keys:
+            parts = key.split(".")
+            if ".experts." in key:
+                layer, expert = int(parts[2]), int(parts[5])
+                if expert in pattern.kept[layer]:
+                    expected += reader.nbytes(key)
+                else:
+                    pruned.append(key)
+            else:
+                expected += reader.nbytes(key)  # non-expert tensors and whole routers
+        assert report.bytes_read == expected
+        pruned_ranges = []
+        for key in pruned:
+            entry = reader._entry(key)
+            pruned_ranges.append((entry.file.name, entry.start, entry.start + entry.nbytes))
+    for fname, offset, length in report.reads:
+        for pf, start, end in pruned_ranges:
+            assert fname != pf or offset + length <= start or offset >= end, "read a pruned expert"
+
+
+def test_fused_checkpoint_layout(tmp_path, checkpoints):
+    """A checkpoint stored with fused expert tensors reads expert rows by byte range."""
+    from safetensors.torch import save_file
+
+    _, full = checkpoints["qwen3_moe"]
+    full.config.save_pretrained(tmp_path)
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(tmp_path / "model.safetensors"))
+    pattern = Pattern({layer: [1, 3, 4, 6] for layer in range(3)}, {"num_experts": 8, "fingerprint": None})
+    slim = load_slim(tmp_path, pattern)
+    _compare(full, slim, pattern)
+    rows = {name for name, *_ in slim.moeprune_load_report.reads}
+    assert rows == {"model.safetensors"}
+
+
+def test_bad_input(tmp_path, checkpoints, tok):
+    folder, full = checkpoints["mixtral"]
+    other_folder, other = checkpoints["olmoe"]
+    foreign = moeprune.profile(other, PROMPTS, tokenizer=tok).select(keep=0.5)
+    with pytest.raises(MoepruneError, match="another model|covers MoE layers|experts per layer"):
+        load_slim(folder, foreign)
+    same_arch = save_tiny("mixtral", tmp_path / "seed7", seed=7)
+    wrong_weights = moeprune.profile(same_arch, PROMPTS, tokenizer=tok).select(keep=0.5)
+    with pytest.raises(MoepruneError, match="another model"):
+        load_slim(folder, wrong_weights)
+    with pytest.raises(MoepruneError, match="not found"):
+        load_slim(tmp_path / "nowhere", wrong_weights)
+    bad = Pattern({0: [0], 1: [0, 1], 2: [0, 1]}, {"num_experts": 8, "fingerprint": None})
+    with pytest.raises(MoepruneError, match="layer 0.*top-k"):
+        load_slim(folder, bad)
+
+
+def test_missing_shard_and_corrupt_header(tmp_path, checkpoints):
+    import shutil
+
+    src, _ = checkpoints["qwen2_moe"]  # saved sharded (odd index)
+    pattern = Pattern({1: [0, 1, 2, 3], 2: [0, 1, 2, 3]}, {"num_experts": 8, "fingerprint": None})
+    broken = tmp_path / "broken"
+    shutil.copytree(src, broken)
+    index = json.loads((broken / "model.safetensors.index.json").read_text())
+    victim = sorted(set(index["weight_map"].values()))[-1]
+    (broken / victim).unlink()
+    with pytest.raises(MoepruneError, match=victim):
+        load_slim(broken, pattern)
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(src, corrupt)
+    with open(corrupt / victim, "r+b") as f:
+        f.seek(8)
+        f.write(b"garbage!" * 4)
+    with pytest.raises(MoepruneError, match=victim):
+        load_slim(corrupt, pattern)
+
+
+def test_dtype_and_vanilla_class(checkpoints):
+    folder, full = checkpoints["qwen3_moe"]
+    pattern = Pattern({layer: [0, 2, 4, 6] for layer in range(3)}, {"num_experts": 8, "fingerprint": None})
+    slim = load_slim(folder, pattern, dtype="bfloat16")
+    assert next(slim.parameters()).dtype == torch.bfloat16
+    assert isinstance(slim, AutoModelForCausalLM._model_mapping[type(full.config)])
