@@ -1,7 +1,7 @@
 """moeprune: keep only the experts a task needs."""
 
 from .errors import FormatVersionError, MoepruneError, PromptError, UnsupportedModelError
-from .export import export
+from .exporter import export
 from .pattern import Diagnostics, Pattern, diagnose, select_union
 from .profiler import profile
 from .profiles import CRITERIA, Profile

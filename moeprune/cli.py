@@ -86,7 +86,7 @@ def _cmd_select(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from .export import export
+    from .exporter import export
     from .pattern import Pattern
     from .profiles import Profile
 
