@@ -1,6 +1,7 @@
 """moeprune: keep only the experts a task needs."""
 
 from .errors import FormatVersionError, MoepruneError, PromptError, UnsupportedModelError
+from .evaluate import EvalResult, evaluate
 from .exporter import export
 from .pattern import Diagnostics, Pattern, diagnose, select_union
 from .profiler import profile
@@ -12,6 +13,8 @@ from .version import __version__
 __all__ = [
     "CRITERIA",
     "Diagnostics",
+    "EvalResult",
+    "evaluate",
     "Pattern",
     "diagnose",
     "export",

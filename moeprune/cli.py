@@ -116,6 +116,17 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _cmd_eval(args) -> int:
+    from .evaluate import evaluate
+
+    result = evaluate(args.model, args.data, pattern=args.pattern, window=args.window, stride=args.stride,
+                      batch_size=args.batch_size, max_tokens=args.max_tokens, dtype=args.dtype,
+                      progress=not args.quiet)
+    what = f"{args.model} with pattern {args.pattern}" if args.pattern else args.model
+    print(f"{what}: {result}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .version import __version__
 
@@ -171,6 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="PNG file to write")
     p.add_argument("--criterion", default="easy_ep", help="frequency, mass, tcess, easy_ep, reap or gate_norm")
     p.set_defaults(func=_cmd_plot)
+
+    p = sub.add_parser("eval", help="token-weighted perplexity of a model, a slim model or an export")
+    p.add_argument("model", help="checkpoint folder (full model or an export)")
+    p.add_argument("--pattern", help="load the model slim with only this pattern's experts")
+    p.add_argument("--data", required=True, help=".jsonl with a 'text' per line, or a text file")
+    p.add_argument("--window", type=int, default=256, help="tokens per window")
+    p.add_argument("--stride", type=int, default=None, help="window step (default: the window)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_eval)
     return parser
 
 

@@ -76,3 +76,33 @@ def render(prompt: Prompt, tokenizer) -> str:
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(prompt, tokenize=False)
     return "\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+def read_documents(source) -> list[str]:
+    """Evaluation texts: a list of strings, a .jsonl file of {"text": ...} lines, or a text file (one document)."""
+    if isinstance(source, (list, tuple)):
+        docs = [d for d in source if isinstance(d, str) and d.strip()]
+        if not docs:
+            raise PromptError("no evaluation texts in the list")
+        return docs
+    path = Path(source)
+    if not path.is_file():
+        raise PromptError(f"data file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptError(f"data file {path} is not UTF-8 text: {e}") from None
+    if path.suffix in (".jsonl", ".json"):
+        docs = []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            doc = _jsonl_prompt(line, path, n)
+            if not isinstance(doc, str):
+                doc = "\n".join(str(m["content"]) for m in doc)
+            docs.append(doc)
+    else:
+        docs = [text] if text.strip() else []
+    if not docs:
+        raise PromptError(f"data file {path} is empty")
+    return docs

@@ -1,0 +1,124 @@
+"""Token-weighted perplexity of a full model, a slim model (checkpoint + pattern) or an export.
+
+Documents are tokenised, joined with the end-of-text token into one stream, and scored in
+windows of `window` tokens moved by `stride`: every token is predicted once, with up to
+`window - stride` tokens of context carried over from the previous window.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import MoepruneError
+from .prompts import read_documents
+
+
+@dataclass
+class EvalResult:
+    perplexity: float
+    nll: float  # mean negative log-likelihood per scored token (nats)
+    tokens: int  # tokens scored
+    documents: int
+
+    def __str__(self) -> str:
+        return f"perplexity {self.perplexity:.3f} over {self.tokens} tokens ({self.documents} documents)"
+
+
+def token_stream(texts: list[str], tokenizer, max_tokens: int | None = None) -> torch.Tensor:
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        if eos is not None:
+            ids.append(eos)
+        if max_tokens and len(ids) >= max_tokens + 1:
+            break
+    if max_tokens:
+        ids = ids[: max_tokens + 1]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _windows(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, end, first scored position) of each window over a stream of n tokens."""
+    out, scored_to, start = [], 1, 0
+    while scored_to < n:
+        end = min(start + window, n)
+        out.append((start, end, scored_to))
+        scored_to = end
+        start = end - max(1, window - stride) if end < n else n  # >= 1 token of context
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module | str | os.PathLike,
+    data,
+    *,
+    tokenizer=None,
+    pattern=None,
+    window: int = 256,
+    stride: int | None = None,
+    batch_size: int = 8,
+    max_tokens: int | None = None,
+    dtype=None,
+    progress: bool = False,
+) -> EvalResult:
+    """Perplexity of `model` on `data` (a .jsonl/.txt file or a list of texts).
+
+    `model` is a loaded model (pass `tokenizer`) or a checkpoint folder; with `pattern`, the
+    folder is loaded slim (only the pattern's experts) through `load_slim`.
+    """
+    stride = stride or window
+    if window < 2 or not 0 < stride <= window:
+        raise MoepruneError(f"need window >= 2 and 0 < stride <= window, got window={window}, stride={stride}")
+    texts = read_documents(data)
+    if isinstance(model, (str, os.PathLike)):
+        from .models import load_model, load_tokenizer
+
+        if pattern is not None:
+            from .slim import load_slim
+
+            path = str(model)
+            model = load_slim(path, pattern, dtype=dtype)
+            tokenizer = tokenizer or load_tokenizer(path)
+        else:
+            model, loaded = load_model(model, dtype=dtype)
+            tokenizer = tokenizer or loaded
+    elif pattern is not None:
+        raise MoepruneError("pattern= needs a checkpoint folder, not a loaded model (use load_slim first)")
+    if tokenizer is None:
+        raise MoepruneError("evaluate() needs a tokenizer when given a loaded model: pass tokenizer=...")
+    stream = token_stream(texts, tokenizer, max_tokens)
+    if len(stream) < 2:
+        raise MoepruneError(f"the evaluation data has {len(stream)} token(s); at least 2 are needed")
+    device = next(model.parameters()).device
+    spans = _windows(len(stream), window, stride)
+    total_nll, total = 0.0, 0
+    model.eval()
+    for i in tqdm(range(0, len(spans), batch_size), desc="evaluating", unit="batch", disable=not progress):
+        group = spans[i : i + batch_size]
+        width = max(end - start for start, end, _ in group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        mask = torch.zeros(len(group), width, dtype=torch.long)
+        labels = torch.full((len(group), width), -100, dtype=torch.long)
+        for row, (start, end, first) in enumerate(group):
+            n = end - start
+            ids[row, :n] = stream[start:end]
+            mask[row, :n] = 1
+            labels[row, first - start : n] = stream[first:end]
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
+        # position p predicts token p + 1
+        shifted = labels[:, 1:].to(device)
+        nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                              ignore_index=-100, reduction="sum")
+        total_nll += float(nll)
+        total += int((shifted != -100).sum())
+    mean = total_nll / total
+    return EvalResult(math.exp(mean), mean, total, len(texts))
