@@ -104,7 +104,7 @@ def save_checkpoint(out: Path, model, opt, step: int, gen: torch.Generator, rid:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     # named_parameters() lists a tied weight once (safetensors refuses shared memory)
-    save_file({n: p.detach().contiguous() for n, p in model.named_parameters()}, str(tmp / "model.safetensors"))
+    save_file({n: p.detach().cpu().contiguous() for n, p in model.named_parameters()}, str(tmp / "model.safetensors"))
     names = {id(p): n for n, p in model.named_parameters()}
     opt_tensors, opt_steps = {}, {}
     for group in opt.param_groups:
@@ -112,7 +112,7 @@ def save_checkpoint(out: Path, model, opt, step: int, gen: torch.Generator, rid:
             state = opt.state.get(p, {})
             for key in ("exp_avg", "exp_avg_sq"):
                 if key in state:
-                    opt_tensors[f"{names[id(p)]}::{key}"] = state[key].contiguous()
+                    opt_tensors[f"{names[id(p)]}::{key}"] = state[key].cpu().contiguous()
             if "step" in state:
                 opt_steps[names[id(p)]] = float(state["step"])
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
@@ -139,7 +139,8 @@ def load_checkpoint(out: Path, model, opt, gen: torch.Generator) -> int:
     for name, p in params.items():
         if f"{name}::exp_avg" in tensors:
             opt.state[p] = {"step": torch.tensor(state["opt_steps"][name]),
-                            "exp_avg": tensors[f"{name}::exp_avg"], "exp_avg_sq": tensors[f"{name}::exp_avg_sq"]}
+                            "exp_avg": tensors[f"{name}::exp_avg"].to(p.device),
+                            "exp_avg_sq": tensors[f"{name}::exp_avg_sq"].to(p.device)}
     gen.set_state(torch.tensor(state["generator"], dtype=torch.uint8))
     return int(state["step"])
 
