@@ -19,9 +19,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 VARIANTS = {
-    "base": [],
-    "top2": ["--top-k", "2"],
-    "aux03": ["--aux", "0.03"],
+    "base": ["--top-k", "4"],
+    "top2": [],
+    "aux03": ["--top-k", "4", "--aux", "0.03"],
     "top2_aux03": ["--top-k", "2", "--aux", "0.03"],
 }
 DOMAINS = ["python", "c_headers", "legal", "bible", "german", "dictionary", "manpages"]

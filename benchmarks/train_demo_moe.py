@@ -1,7 +1,7 @@
 """Train moeprune's bundled demo MoE on the seven real domains of ../shared/corpora.
 
 Recipe: byte-level BPE tokenizer (8k vocab) trained on an equal sample of every domain; a
-Qwen3-MoE-layout model (4 layers, hidden 192, 32 routed experts of size 96, top-4,
+Qwen3-MoE-layout model (4 layers, hidden 192, 32 routed experts of size 96, top-2,
 `norm_topk_prob`, tied embeddings, router aux loss 0.01, which is what makes experts specialise);
 sequences of 256 tokens, each from one domain, domains drawn with equal probability; AdamW with
 warm-up and cosine decay; fixed seed. It logs the loss curve to `train_log.csv`.
@@ -198,7 +198,7 @@ def main() -> None:
     ap.add_argument("--hidden", type=int, default=192)
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--experts", type=int, default=32)
-    ap.add_argument("--top-k", type=int, default=4)
+    ap.add_argument("--top-k", type=int, default=2)
     ap.add_argument("--expert-size", type=int, default=96)
     ap.add_argument("--aux", type=float, default=0.01)
     ap.add_argument("--vocab", type=int, default=8192)

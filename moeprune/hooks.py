@@ -52,7 +52,7 @@ def _grouped_per_pick(self, hidden_states, top_k_index):
     out = self._apply_gate(out) if self.has_gate else self.act_fn(out)
     down_bias = self.down_proj_bias[expert_ids] if self.has_bias else None
     out = _grouped_linear(out, self.down_proj, offsets, bias=down_bias, is_transposed=self.is_transposed)
-    if self.has_post_expert_norm:
+    if getattr(self, "has_post_expert_norm", False):  # absent before transformers 5.2x
         out = self.post_expert_norm(out)
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
@@ -65,7 +65,7 @@ def _recording_experts_forward(self, hidden_states, top_k_index, top_k_weights):
         return ALL_EXPERTS_FUNCTIONS["grouped_mm"](self, hidden_states, top_k_index, top_k_weights)
     inner, callback = entry
     n_tokens, k = top_k_index.shape
-    if inner is _GROUPED and _grouped_linear is not None and not self._is_expert_parallel:
+    if inner is _GROUPED and _grouped_linear is not None and not getattr(self, "_is_expert_parallel", False):
         per_pick = _grouped_per_pick(self, hidden_states, top_k_index)
     else:
         # Any other kernel: one row per (token, pick) with weight 1 gives unweighted outputs.
