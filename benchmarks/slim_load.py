@@ -379,6 +379,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="a ~250 MB checkpoint, for a smoke run")
     ap.add_argument("--dir", default=None, help=f"checkpoint folder (default {DEFAULT_DIR}, or {QUICK_DIR})")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each case (median reported)")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="decoder layers (default 12: ~2.3 GB; 32: ~6 GB, where the interpreter's fixed RSS matters less)")
     ap.add_argument("--no-warmup", dest="warmup", action="store_false",
                     help="skip reading the checkpoint once before the runs (a VM's host may cache the disk, so "
                          "without it the first runs are slower than later ones)")
@@ -387,8 +389,12 @@ def main() -> None:
     ap.add_argument("--pattern", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    spec = QUICK_CONFIG if args.quick else FULL_CONFIG
-    folder = Path(args.dir or (QUICK_DIR if args.quick else DEFAULT_DIR))
+    spec = dict(QUICK_CONFIG if args.quick else FULL_CONFIG)
+    default_dir = QUICK_DIR if args.quick else DEFAULT_DIR
+    if args.layers:
+        spec["num_hidden_layers"] = args.layers
+        default_dir = f"{default_dir}-{args.layers}l"
+    folder = Path(args.dir or default_dir)
     shard = args.export_shard_size or spec["shard"]
 
     if args.child == "prep":
@@ -401,6 +407,7 @@ def main() -> None:
     # The parent stays free of torch: a child's ru_maxrss starts from its parent's RSS high-water mark
     # (the kernel keeps the pre-exec mm's peak), so a heavy parent would inflate every child's peak.
     cmd = [sys.executable, __file__, "--child", "prep", "--dir", str(folder)] + (["--quick"] if args.quick else [])
+    cmd += ["--layers", str(args.layers)] if args.layers else []
     prep = json.loads(subprocess.run(cmd, capture_output=False, stdout=subprocess.PIPE, text=True,
                                      check=True).stdout.strip().splitlines()[-1])
     weights = weight_files(folder)

@@ -6,7 +6,7 @@ Qwen3-MoE-layout model (4 layers, hidden 192, 32 routed experts of size 96, top-
 sequences of 256 tokens, each from one domain, domains drawn with equal probability; AdamW with
 warm-up and cosine decay; fixed seed. It logs the loss curve to `train_log.csv`.
 
-    python benchmarks/train_demo_moe.py --out build/demo-train            # ~24 min on 2 cores
+    python benchmarks/train_demo_moe.py --out build/demo-train            # ~21 min on 2 cores
     python benchmarks/train_demo_moe.py --out build/demo-train --install moeprune/demo_model
 
 An interrupted run restarted with the same `--out` resumes from its last checkpoint (model and
@@ -190,7 +190,7 @@ def main() -> None:
     ap.add_argument("--force", action="store_true", help="replace an existing --install folder")
     ap.add_argument("--corpora", default=str(CORPORA))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--steps", type=int, default=1400)
+    ap.add_argument("--steps", type=int, default=1900)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--lr", type=float, default=3e-3)

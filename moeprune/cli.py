@@ -127,6 +127,30 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(out=args.output, keep=args.keep, domain=args.domain)
+    return 0
+
+
+def _cmd_bench_criteria(args) -> int:
+    from .bench import BenchConfig, markdown, run_benchmark, write_report
+    from .demo import DEMO_MODEL
+
+    cfg = BenchConfig()
+    if args.quick:
+        cfg = BenchConfig(domains=tuple(args.domains or ("python", "bible")), calib_sizes=(16,), keeps=(0.5,),
+                          strategies=("uniform",), random_seeds=(0,), eval_tokens=4096)
+    elif args.domains:
+        cfg.domains = tuple(args.domains)
+    result = run_benchmark(args.model or DEMO_MODEL, args.corpora, cfg, progress=not args.quiet)
+    write_report(result, args.output)
+    print(markdown(result))
+    print(f"\nwrote {args.output}/criteria.md, criteria.json and plots in {result['seconds']:.0f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .version import __version__
 
@@ -194,6 +218,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="auto")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("demo", help="run the main job end to end on the bundled demo MoE (offline, ~1 min)")
+    p.add_argument("-o", "--output", help="keep the exported checkpoint here (default: a temporary folder)")
+    p.add_argument("--keep", type=float, default=0.5)
+    p.add_argument("--domain", default="python", help="python, legal or bible")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("bench-criteria", help="compare expert-selection criteria by perplexity on real domains")
+    p.add_argument("--model", help="checkpoint folder (default: the bundled demo model)")
+    p.add_argument("--corpora", default="../shared/corpora", help="folder with <domain>/{calib,eval}.jsonl")
+    p.add_argument("--domains", nargs="*", help="domains to run (default: all seven)")
+    p.add_argument("--quick", action="store_true", help="2 domains, one keep level (what CI runs)")
+    p.add_argument("-o", "--output", default="bench-criteria", help="folder for the table, JSON and plots")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_cmd_bench_criteria)
     return parser
 
 

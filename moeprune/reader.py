@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,6 +123,7 @@ class CheckpointReader:
         self.header_bytes_read = 0
         self.reads: list[tuple[str, int, int]] = []
         self._fds: dict[Path, int] = {}
+        self._lock = threading.Lock()  # reads may come from several threads (pread itself is positional)
         self._entries: dict[str, _Entry] = {}
         self._metadata: dict[str, str] = {}
 
@@ -194,12 +196,23 @@ class CheckpointReader:
 
     # ---- data ---------------------------------------------------------------------------------------
     def _pread(self, file: Path, view: memoryview, offset: int) -> None:
-        fd = self._fds.get(file)
-        if fd is None:
-            fd = self._fds[file] = _open(file)
-        self.reads.append((file.name, offset, len(view)))
-        self.bytes_read += len(view)
+        with self._lock:
+            fd = self._fds.get(file)
+            if fd is None:
+                fd = self._fds[file] = _open(file)
+            self.reads.append((file.name, offset, len(view)))
+            self.bytes_read += len(view)
         _read_into(fd, view, offset, file)
+
+    @staticmethod
+    def _out_view(out: torch.Tensor, e: _Entry, nbytes: int, name: str) -> memoryview:
+        if out.dtype != e.dtype or not out.is_contiguous() or out.device.type != "cpu":
+            raise MoepruneError(f"cannot read {name!r} ({e.dtype}) into a {out.dtype} tensor on {out.device} "
+                                "that is not contiguous CPU memory of the same dtype")
+        if out.numel() * out.element_size() != nbytes:
+            raise MoepruneError(f"cannot read {nbytes} bytes of {name!r} into a tensor of "
+                                f"{out.numel() * out.element_size()} bytes")
+        return memoryview(out.view(torch.uint8).numpy()).cast("B") if nbytes else memoryview(b"")
 
     @staticmethod
     def _to_tensor(buf: bytearray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -207,15 +220,19 @@ class CheckpointReader:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
-    def get(self, name: str) -> torch.Tensor:
-        """The whole tensor, read with one pread."""
+    def get(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The whole tensor, read with one pread (into `out`, a contiguous CPU tensor, when given)."""
         e = self._entry(name)
+        if out is not None:
+            if e.nbytes:
+                self._pread(e.file, self._out_view(out, e, e.nbytes, name), e.start)
+            return out
         buf = bytearray(e.nbytes)
         if e.nbytes:
             self._pread(e.file, memoryview(buf), e.start)
         return self._to_tensor(buf, e.dtype, e.shape)
 
-    def get_rows(self, name: str, rows: Sequence[int]) -> torch.Tensor:
+    def get_rows(self, name: str, rows: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
         """Rows ``rows`` along dim 0, in the given order; each run of consecutive rows is one pread."""
         e = self._entry(name)
         if not e.shape:
@@ -225,8 +242,12 @@ class CheckpointReader:
             if not 0 <= r < e.shape[0]:
                 raise IndexError(f"row {r} out of range for {name!r} with shape {list(e.shape)}")
         row_bytes = math.prod(e.shape[1:]) * e.dtype.itemsize
-        buf = bytearray(len(rows) * row_bytes)
-        view = memoryview(buf)
+        if out is not None:
+            view = self._out_view(out, e, len(rows) * row_bytes, name)
+            buf = None
+        else:
+            buf = bytearray(len(rows) * row_bytes)
+            view = memoryview(buf)
         i = 0
         while i < len(rows):
             j = i + 1
@@ -235,6 +256,8 @@ class CheckpointReader:
             if row_bytes:
                 self._pread(e.file, view[i * row_bytes:j * row_bytes], e.start + rows[i] * row_bytes)
             i = j
+        if out is not None:
+            return out
         return self._to_tensor(buf, e.dtype, (len(rows), *e.shape[1:]))
 
     # ---- lifetime -----------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ fingerprint) and sliced to the kept rows. Nothing of a pruned expert's weights i
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -95,30 +97,51 @@ def check_pattern(pattern: Pattern, config, adapter: MoEAdapter, fingerprint: st
             raise MoepruneError(f"layer {layer}: {e}") from None
 
 
-def read_experts(reader: CheckpointReader, adapter: MoEAdapter, layer: int, kept: list[int]) -> dict[str, torch.Tensor]:
-    """Fused tensors of the kept experts of a layer (in the kept order), by in-memory name."""
-    out = {}
+Job = Callable[[], object]
+
+
+def expert_reads(reader: CheckpointReader, adapter: MoEAdapter, layer: int,
+                 kept: list[int]) -> tuple[dict[str, torch.Tensor], list[Job]]:
+    """Buffers for the fused tensors of a layer's kept experts (kept order), and the reads that fill them."""
     fused_names = adapter.fused_keys(layer)
     fused_keys = [checkpoint_name(reader, n, adapter) for n in fused_names]
+    out: dict[str, torch.Tensor] = {}
+    jobs: list[Job] = []
     if all(k is not None for k in fused_keys):
         for name, key in zip(fused_names, fused_keys, strict=True):
-            out[name] = reader.get_rows(key, kept)
-        return out
+            buf = torch.empty((len(kept), *reader.shape(key)[1:]), dtype=reader.dtype(key))
+            out[name] = buf
+            jobs.append(lambda key=key, buf=buf: reader.get_rows(key, kept, out=buf))
+        return out, jobs
     if adapter.ckpt_expert_projs is None:
         raise MoepruneError(f"checkpoint {reader.folder} lacks the experts of layer {layer} ({fused_names[0]})")
-    gate_up, down = [], []
     for e in kept:
-        keys = adapter.ckpt_expert_keys(layer, e)
-        missing = [k for k in keys if k not in reader]
+        missing = [k for k in adapter.ckpt_expert_keys(layer, e) if k not in reader]
         if missing:
             raise MoepruneError(f"checkpoint {reader.folder} lacks {missing[0]}")
-        g, u, d = (reader.get(k) for k in keys)
-        gate_up.append(torch.cat([g, u], dim=0))
-        down.append(d)
-    gu_name, down_name = fused_names[0], fused_names[1]
-    out[gu_name] = torch.stack(gate_up)
-    out[down_name] = torch.stack(down)
-    return out
+    g0, u0, d0 = adapter.ckpt_expert_keys(layer, kept[0])
+    n_gate = reader.shape(g0)[0]
+    gate_up = torch.empty((len(kept), n_gate + reader.shape(u0)[0], *reader.shape(g0)[1:]), dtype=reader.dtype(g0))
+    down = torch.empty((len(kept), *reader.shape(d0)), dtype=reader.dtype(d0))
+    for j, e in enumerate(kept):
+        g, u, d = adapter.ckpt_expert_keys(layer, e)
+        # gate and up land in their halves of the fused row: no concatenation copies
+        jobs += [lambda g=g, j=j: reader.get(g, out=gate_up[j, :n_gate]),
+                 lambda u=u, j=j: reader.get(u, out=gate_up[j, n_gate:]),
+                 lambda d=d, j=j: reader.get(d, out=down[j])]
+    out[fused_names[0]], out[fused_names[1]] = gate_up, down
+    return out, jobs
+
+
+def run_reads(jobs: list[Job], threads: int) -> None:
+    """Run reads on a few threads: pread releases the GIL, so one core's worth of copying overlaps I/O."""
+    if threads <= 1 or len(jobs) < 2:
+        for job in jobs:
+            job()
+        return
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for _ in pool.map(lambda job: job(), jobs):
+            pass
 
 
 def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -147,6 +170,7 @@ def load_slim(
     dtype=None,
     device: str | torch.device = "cpu",
     verify: bool = True,
+    threads: int = 4,
 ):
     """A model with only `pattern`'s experts (renumbered 0..k-1), loaded from `model_path`'s safetensors.
 
@@ -187,28 +211,32 @@ def load_slim(
         for layer, block in adapter.blocks(model):
             _resize_layer(adapter, block, counts[layer], top_k)
 
-        expert_names = set()
+        buffers: dict[str, torch.Tensor] = {}
+        jobs: list[Job] = []
         for layer in layers:
-            kept = pattern.kept[layer]
-            index = torch.as_tensor(kept, dtype=torch.long)
-            for name, tensor in read_experts(reader, adapter, layer, kept).items():
-                expert_names.add(name)
-                _set_tensor(model, name, _cast(tensor, model, name))
-            for name, tensor in routers.items():
-                if name.startswith(f"model.layers.{layer}."):
-                    expert_names.add(name)
-                    _set_tensor(model, name, _cast(tensor.index_select(0, index).contiguous(), model, name))
-
+            out, layer_jobs = expert_reads(reader, adapter, layer, pattern.kept[layer])
+            buffers.update(out)
+            jobs += layer_jobs
         tied = _tied_names(model)
         for name, _ in list(model.named_parameters()) + list(model.named_buffers()):
-            if name in expert_names or name in tied:
+            if name in buffers or name in routers or name in tied:
                 continue
             key = checkpoint_name(reader, name, adapter)
             if key is None:
                 if _is_meta(model, name):
                     raise MoepruneError(f"checkpoint {path} lacks tensor {name}")
                 continue  # a buffer computed at construction (rotary tables) and not stored
-            _set_tensor(model, name, _cast(reader.get(key), model, name))
+            buf = torch.empty(reader.shape(key), dtype=reader.dtype(key))
+            buffers[name] = buf
+            jobs.append(lambda key=key, buf=buf: reader.get(key, out=buf))
+        run_reads(jobs, threads)
+        for layer in layers:
+            index = torch.as_tensor(pattern.kept[layer], dtype=torch.long)
+            for name, tensor in routers.items():
+                if name.startswith(f"model.layers.{layer}."):
+                    buffers[name] = tensor.index_select(0, index).contiguous()
+        for name in list(buffers):
+            _set_tensor(model, name, _cast(buffers.pop(name), model, name))
         report.bytes_read, report.tensors_read, report.reads = reader.bytes_read, len(reader.reads), list(reader.reads)
 
     model.tie_weights()

@@ -1,0 +1,225 @@
+"""The criteria benchmark: which experts to keep, measured by perplexity on held-out text.
+
+For each domain: profile its calibration demonstrations (several counts, to show how few are
+enough), select at each keep level with each criterion and strategy (plus random with several
+seeds and a cross-domain baseline: the pattern of another domain's prompts), and measure
+perplexity on the domain's eval text. The pruned models are evaluated through the keep-mask on
+the full model, which gives exactly the slim model's logits (tested for every family) at a
+fraction of the cost of loading each slim model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import MoepruneError
+from .evaluate import evaluate
+from .hooks import keep_mask
+from .pattern import Pattern
+from .profiler import profile
+from .prompts import read_documents, read_prompts
+from .routers import get_adapter
+
+DOMAINS = ("python", "c_headers", "legal", "bible", "german", "dictionary", "manpages")
+
+
+@dataclass
+class BenchConfig:
+    domains: tuple[str, ...] = DOMAINS
+    calib_sizes: tuple[int, ...] = (8, 16, 64)
+    keeps: tuple[float, ...] = (0.5, 0.25)
+    strategies: tuple[str, ...] = ("uniform", "global")
+    criteria: tuple[str, ...] = ("frequency", "tcess", "easy_ep", "reap")
+    random_seeds: tuple[int, ...] = (0, 1, 2)
+    cross_criterion: str = "easy_ep"
+    eval_tokens: int = 16384
+    max_length: int = 256
+    window: int = 256
+    small_calib_criteria: tuple[str, ...] = ("frequency", "easy_ep", "reap")
+    extra: dict = field(default_factory=dict)
+
+
+def _geomean(xs: list[float]) -> float:
+    return math.exp(sum(math.log(x) for x in xs) / len(xs))
+
+
+def run_benchmark(model_dir: str | os.PathLike, corpora: str | os.PathLike, config: BenchConfig | None = None,
+                  progress: bool = True) -> dict:
+    """Run the benchmark; returns {"config", "full", "rows", "overlap", "seconds"}."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = config or BenchConfig()
+    corpora = Path(corpora)
+    for d in cfg.domains:
+        for split in ("calib", "eval"):
+            if not (corpora / d / f"{split}.jsonl").is_file():
+                raise MoepruneError(f"corpus file missing: {corpora / d / f'{split}.jsonl'}")
+    t0 = time.time()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    adapter = get_adapter(model)
+    calib = {d: read_prompts(corpora / d / "calib.jsonl") for d in cfg.domains}
+    texts = {d: read_documents(corpora / d / "eval.jsonl") for d in cfg.domains}
+
+    def ppl(d: str, pattern: Pattern | None) -> float:
+        kwargs = dict(tokenizer=tok, window=cfg.window, max_tokens=cfg.eval_tokens, batch_size=16)
+        if pattern is None:
+            return evaluate(model, texts[d], **kwargs).perplexity
+        with keep_mask(model, adapter, pattern.keep_masks()):
+            return evaluate(model, texts[d], **kwargs).perplexity
+
+    largest = max(cfg.calib_sizes)
+    profiles = {}
+    for d in cfg.domains:
+        for n in cfg.calib_sizes:
+            profiles[d, n] = profile(model, calib[d][:n], tokenizer=tok, domain=d, max_length=cfg.max_length)
+    full = {d: ppl(d, None) for d in cfg.domains}
+    rows = []
+
+    def add(d, n, keep, strategy, criterion, pattern, seed=None, source=None):
+        value = ppl(d, pattern)
+        rows.append({"domain": d, "calib": n, "keep": keep, "strategy": strategy, "criterion": criterion,
+                     "seed": seed, "source": source or d, "ppl": value, "ratio": value / full[d],
+                     "kept_per_layer": sorted(set(pattern.counts.values()))})
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(cfg.domains, desc="criteria benchmark", unit="domain", disable=not progress)
+    for i, d in enumerate(bar):
+        for keep in cfg.keeps:
+            prof = profiles[d, largest]
+            for strategy in cfg.strategies:
+                for c in cfg.criteria:
+                    add(d, largest, keep, strategy, c, prof.select(keep=keep, criterion=c, strategy=strategy))
+            for seed in cfg.random_seeds:
+                add(d, largest, keep, "uniform", "random", prof.select(keep=keep, criterion="random", seed=seed),
+                    seed=seed)
+            for n in cfg.calib_sizes:
+                if n == largest:
+                    continue
+                for c in cfg.small_calib_criteria:
+                    add(d, n, keep, "uniform", c, profiles[d, n].select(keep=keep, criterion=c))
+            if len(cfg.domains) > 1:
+                other = cfg.domains[(i + 1) % len(cfg.domains)]
+                add(d, largest, keep, "uniform", "cross-domain",
+                    profiles[other, largest].select(keep=keep, criterion=cfg.cross_criterion), source=other)
+    overlap = {}
+    for keep in cfg.keeps:
+        pats = {d: profiles[d, largest].select(keep=keep, criterion=cfg.cross_criterion) for d in cfg.domains}
+        overlap[str(keep)] = [[pats[a].jaccard(pats[b]) for b in cfg.domains] for a in cfg.domains]
+    return {"config": asdict(cfg), "model": str(model_dir), "full": full, "rows": rows, "overlap": overlap,
+            "n_experts": adapter.num_experts(model.config), "seconds": time.time() - t0}
+
+
+def summary(result: dict) -> dict[tuple, float]:
+    """(criterion, strategy, calib, keep) -> geometric mean over domains of pruned/full perplexity."""
+    groups: dict[tuple, list[float]] = {}
+    for r in result["rows"]:
+        groups.setdefault((r["criterion"], r["strategy"], r["calib"], r["keep"]), []).append(r["ratio"])
+    return {k: _geomean(v) for k, v in groups.items()}
+
+
+def markdown(result: dict) -> str:
+    cfg = result["config"]
+    keeps = cfg["keeps"]
+    largest = max(cfg["calib_sizes"])
+    s = summary(result)
+    n = result["n_experts"]
+    head = "| criterion | strategy | " + " | ".join(f"keep {round(k * n)}/{n}" for k in keeps) + " |"
+    lines = [f"Pruned / full perplexity, geometric mean over {len(cfg['domains'])} domains "
+             f"({largest} calibration prompts, {cfg['eval_tokens']} eval tokens per domain):", "", head,
+             "|---|---|" + "---|" * len(keeps)]
+    order = [(c, st) for c in cfg["criteria"] for st in cfg["strategies"]]
+    order += [("random", "uniform"), ("cross-domain", "uniform")]
+    for c, st in order:
+        vals = [s.get((c, st, largest, k)) for k in keeps]
+        if all(v is None for v in vals):
+            continue
+        label = {"random": f"random ({len(cfg['random_seeds'])} seeds)",
+                 "cross-domain": f"another domain's {cfg['cross_criterion']}"}.get(c, c)
+        lines.append(f"| {label} | {st} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + " |")
+    if len(cfg["calib_sizes"]) > 1:
+        lines += ["", "How few demonstrations are enough (uniform):", "",
+                  "| criterion | prompts | " + " | ".join(f"keep {round(k * n)}/{n}" for k in keeps) + " |",
+                  "|---|---|" + "---|" * len(keeps)]
+        for c in cfg["small_calib_criteria"]:
+            for m in sorted(cfg["calib_sizes"]):
+                vals = [s.get((c, "uniform", m, k)) for k in keeps]
+                lines.append(f"| {c} | {m} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + " |")
+    lines += ["", "Per domain (full perplexity, and pruned/full for each criterion, uniform):", "",
+              "| domain | full | " + " | ".join(f"{c} @{round(k * n)}" for k in keeps for c in cfg["criteria"]) + " |",
+              "|---|---|" + "---|" * (len(keeps) * len(cfg["criteria"]))]
+    by = {(r["domain"], r["criterion"], r["keep"]): r["ratio"] for r in result["rows"]
+          if r["strategy"] == "uniform" and r["calib"] == largest and r["seed"] is None}
+    for d in cfg["domains"]:
+        cells = [f"{by[d, c, k]:.3f}" for k in keeps for c in cfg["criteria"]]
+        lines.append(f"| {d} | {result['full'][d]:.2f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plots(result: dict, out_dir: str | os.PathLike) -> list[Path]:
+    """ratio-vs-kept-fraction per criterion, and a domain x domain Jaccard heatmap."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = result["config"]
+    s = summary(result)
+    largest = max(cfg["calib_sizes"])
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for c in [*cfg["criteria"], "random", "cross-domain"]:
+        for st in cfg["strategies"]:
+            pts = [(k, s[c, st, largest, k]) for k in cfg["keeps"] if (c, st, largest, k) in s]
+            if not pts:
+                continue
+            xs, ys = zip(*sorted([(1.0, 1.0), *pts]), strict=True)
+            ax.plot(xs, ys, marker="o", linestyle="-" if st == "uniform" else "--", label=f"{c} ({st})")
+    ax.set_xlabel("fraction of experts kept")
+    ax.set_ylabel("pruned / full perplexity (geo. mean)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("Perplexity cost of pruning, by criterion")
+    fig.tight_layout()
+    p1 = out / "criteria_ratio.png"
+    fig.savefig(p1, dpi=120)
+    plt.close(fig)
+
+    keep = str(cfg["keeps"][0])
+    m = torch.tensor(result["overlap"][keep])
+    fig, ax = plt.subplots(figsize=(5.5, 4.6))
+    im = ax.imshow(m, cmap="magma", vmin=0, vmax=1)
+    names = cfg["domains"]
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{m[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                    color="black" if m[i, j] > 0.6 else "white")
+    ax.set_title(f"Pattern overlap (Jaccard), {cfg['cross_criterion']}, keep {float(keep):.0%}")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    p2 = out / "pattern_overlap.png"
+    fig.savefig(p2, dpi=120)
+    plt.close(fig)
+    return [p1, p2]
+
+
+def write_report(result: dict, out_dir: str | os.PathLike) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "criteria.json").write_text(json.dumps(result, indent=1))
+    md = markdown(result)
+    (out / "criteria.md").write_text(md + "\n")
+    plots(result, out)
+    return out
