@@ -38,6 +38,7 @@ class _Recorder:
         self.stats = {k: torch.zeros(n_layers, n_experts, dtype=torch.float64) for k in STATS}
         self.sig_sum = torch.zeros(n_prompts, n_experts, dtype=torch.float64)
         self.sig_count = torch.zeros(n_prompts, dtype=torch.float64)
+        self.hidden_sum: torch.Tensor | None = None  # [n_prompts, hidden]: router input at the first MoE layer
         self.valid: torch.Tensor | None = None  # [B*S] bool: real tokens of the current batch
         self.prompt_ids: torch.Tensor | None = None  # [B*S] long
         self.residual: dict[int, torch.Tensor] = {}
@@ -62,6 +63,12 @@ class _Recorder:
             ids = self.prompt_ids[self.valid].cpu()
             self.sig_sum.index_add_(0, ids, probs.to("cpu", torch.float64))
             self.sig_count.index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
+
+    def on_router_input(self, hidden: torch.Tensor) -> None:
+        x = hidden.reshape(-1, hidden.shape[-1])[self.valid].to("cpu", torch.float64)
+        if self.hidden_sum is None:
+            self.hidden_sum = torch.zeros(len(self.sig_count), x.shape[-1], dtype=torch.float64)
+        self.hidden_sum.index_add_(0, self.prompt_ids[self.valid].cpu(), x)
 
     def on_residual(self, pos: int, hidden: torch.Tensor) -> None:
         self.residual[pos] = hidden.reshape(-1, hidden.shape[-1])
@@ -141,6 +148,9 @@ def profile(
     for pos, (layer, block) in enumerate(blocks):
         handles.append(adapter.router(block).register_forward_hook(
             lambda mod, args, out, pos=pos: rec.on_router(pos, mod, out[0])))
+        if pos == 0:
+            handles.append(adapter.router(block).register_forward_pre_hook(
+                lambda mod, args: rec.on_router_input(args[0])))
         handles.append(adapter.residual_norm(layers[layer]).register_forward_pre_hook(
             lambda mod, args, pos=pos: rec.on_residual(pos, args[0])))
         callbacks[adapter.experts(block)] = lambda *a, pos=pos: rec.on_experts(pos, *a)
@@ -180,6 +190,8 @@ def profile(
         "format_version": PROFILE_FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
-    signatures = (rec.sig_sum / rec.sig_count.clamp(min=1).unsqueeze(-1)).float()
+    count = rec.sig_count.clamp(min=1).unsqueeze(-1)
+    signatures = (rec.sig_sum / count).float()
+    hidden = (rec.hidden_sum / count).float() if rec.hidden_sum is not None else None
     routing = torch.stack([torch.cat(r) for r in rec.routing]) if routing_tokens > 0 else None
-    return Profile(dict(rec.stats), signatures, meta, routing)
+    return Profile(dict(rec.stats), signatures, meta, routing, hidden)

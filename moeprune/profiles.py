@@ -50,6 +50,7 @@ class Profile:
     signatures: torch.Tensor  # [n_prompts, n_experts]: first MoE layer's mean router probability per prompt
     meta: dict = field(default_factory=dict)
     routing: torch.Tensor | None = None  # [n_moe_layers, n_tokens_kept, top_k] int16: per-token picks
+    hidden_signatures: torch.Tensor | None = None  # [n_prompts, hidden]: mean router input, first MoE layer
 
     # ------------------------------------------------------------ views
     @property
@@ -120,7 +121,10 @@ class Profile:
         routing = None
         if self.routing is not None and other.routing is not None:
             routing = torch.cat([self.routing, other.routing], dim=1)
-        return Profile(stats, torch.cat([self.signatures, other.signatures]), meta, routing)
+        hidden = None
+        if self.hidden_signatures is not None and other.hidden_signatures is not None:
+            hidden = torch.cat([self.hidden_signatures, other.hidden_signatures])
+        return Profile(stats, torch.cat([self.signatures, other.signatures]), meta, routing, hidden)
 
     __add__ = merge
 
@@ -131,6 +135,8 @@ class Profile:
         tensors["signatures"] = self.signatures.contiguous()
         if self.routing is not None:
             tensors["routing"] = self.routing.contiguous()
+        if self.hidden_signatures is not None:
+            tensors["hidden_signatures"] = self.hidden_signatures.contiguous()
         with atomic_dir(path, overwrite=overwrite) as tmp:
             save_file(tensors, str(tmp / "profile.safetensors"), metadata={"format": "moeprune-profile"})
             meta = dict(self.meta, format_version=PROFILE_FORMAT, moeprune_version=__version__)
@@ -167,7 +173,8 @@ class Profile:
         for k in STATS:
             if tuple(tensors[k].shape) != shape:
                 raise MoepruneError(f"profile {path}: {k} has shape {tuple(tensors[k].shape)}, expected {shape}")
-        return cls({k: tensors[k] for k in STATS}, tensors["signatures"], meta, tensors.get("routing"))
+        return cls({k: tensors[k] for k in STATS}, tensors["signatures"], meta, tensors.get("routing"),
+                   tensors.get("hidden_signatures"))
 
     from_pretrained = load
 

@@ -246,6 +246,7 @@ def load_slim(
     model.eval().to(device)
     model.config._name_or_path = str(path)
     model.moeprune_pattern = pattern
+    model.moeprune_source_fingerprint = fp  # a slim model's own routers are sliced: keep the source's identity
     model.moeprune_load_report = report
     return model
 

@@ -1,0 +1,509 @@
+"""`PatternStore`: per-task expert patterns on disk, found again from a raw query.
+
+Layout of a store folder:
+
+    manifest.json             format version, model fingerprint, signature kind and dimension
+    entries/<name>.json       the pattern, its metadata, and the sha256 of its tensors file
+    entries/<name>.safetensors  the profile statistics and per-demonstration signatures
+    index.faiss, index.json   derived: FAISS index of normalised signatures, checksum of the entries
+
+The entries are the truth; the index is rebuilt from them whenever its checksum disagrees. Every
+file is replaced atomically (temporary file, fsync, rename); writers take an exclusive file lock;
+an entry exists once its JSON is renamed into place, so a writer killed at any moment leaves
+either the old store or the new one (plus temporary files the next writer removes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import fcntl
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import faiss
+import numpy as np
+import torch
+from safetensors.torch import load_file, save
+
+from .._io import atomic_write_bytes, atomic_write_json
+from ..errors import FormatVersionError, MoepruneError
+from ..pattern import Pattern
+from ..profiles import STATS, Profile
+from ..version import __version__
+from .signature import KINDS, embed, profile_signatures
+
+STORE_FORMAT = 1
+FLAT_LIMIT = 50_000  # above this many vectors the index is approximate (HNSW)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+AUTO_QUANTILE = 0.02  # a pattern's threshold: this quantile of its own demonstrations' leave-one-out similarity
+AUTO_SLACK = 0.9  # ... times this, so that held-out text of the same task still clears it
+MIN_DEMOS_FOR_AUTO = 4
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def check_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name) or name in (".", ".."):
+        raise MoepruneError(f"invalid pattern name {name!r}: use letters, digits, '.', '_' and '-' "
+                            "(no path separators, not starting with '.' or '-', at most 128 characters)")
+    return name
+
+
+@dataclass
+class Entry:
+    name: str
+    pattern: Pattern
+    meta: dict
+
+    @property
+    def domain(self) -> str | None:
+        return self.meta.get("domain")
+
+
+@dataclass
+class Match:
+    """The result of a search: the pattern to serve, and how sure the store is of it."""
+
+    pattern: Pattern
+    name: str | None  # the matched pattern; None when falling back to the full expert set
+    score: float  # cosine similarity of the query to the matched pattern's nearest demonstration
+    confidence: float  # the matched pattern's share of the neighbours' similarity votes
+    runner_up: str | None
+    runner_up_score: float | None
+    fell_back: bool
+    reason: str
+    threshold: float
+    votes: dict[str, float] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        head = f"{self.name or 'all experts'}" + (" (fallback)" if self.fell_back else "")
+        ru = f", runner-up {self.runner_up} {self.runner_up_score:.3f}" if self.runner_up else ""
+        return (f"{head}: score {self.score:.3f} (threshold {self.threshold:.3f}), confidence "
+                f"{self.confidence:.2f}{ru}; {self.reason}")
+
+
+class PatternStore:
+    """A folder of named patterns with a FAISS index of their demonstrations' signatures."""
+
+    def __init__(self, path: str | os.PathLike, signature: str = "router", auto_rebuild: bool = True):
+        self.path = Path(path)
+        if signature not in KINDS:
+            raise MoepruneError(f"unknown signature kind {signature!r}; choose one of {', '.join(KINDS)}")
+        self._signature = signature
+        self.auto_rebuild = auto_rebuild
+        self.index_status = "not loaded"
+        self._index = None
+        self._index_meta: dict | None = None
+        if self.path.exists() and not self.path.is_dir():
+            raise MoepruneError(f"{self.path} is a file, not a pattern store folder")
+
+    # ------------------------------------------------------------------ files
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / "manifest.json"
+
+    @property
+    def entries_dir(self) -> Path:
+        return self.path / "entries"
+
+    def exists(self) -> bool:
+        return self.manifest_path.is_file()
+
+    @property
+    def manifest(self) -> dict:
+        if not self.exists():
+            raise MoepruneError(f"no pattern store at {self.path} (no manifest.json); add a pattern to create one")
+        try:
+            m = json.loads(self.manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MoepruneError(f"store manifest {self.manifest_path} is not valid JSON: {e}") from None
+        if m.get("format") != "moeprune-store" or not isinstance(m.get("format_version"), int):
+            raise MoepruneError(f"{self.manifest_path} is not a moeprune store manifest")
+        if m["format_version"] > STORE_FORMAT:
+            raise FormatVersionError(f"store {self.path} has format version {m['format_version']}, newer than this "
+                                     f"moeprune ({__version__}) reads (<= {STORE_FORMAT}); upgrade moeprune")
+        return m
+
+    @property
+    def signature(self) -> str:
+        return self.manifest["signature"]["kind"] if self.exists() else self._signature
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Exclusive writer lock across processes; cleans up what killed writers left behind."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            self._clean_leftovers()
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def _clean_leftovers(self) -> None:
+        for folder in (self.path, self.entries_dir):
+            if not folder.is_dir():
+                continue
+            for f in folder.iterdir():
+                if f.name.startswith(".") and f.name.endswith(".tmp"):
+                    f.unlink(missing_ok=True)
+        if self.entries_dir.is_dir():  # tensors whose JSON never landed: an add that did not return
+            for f in self.entries_dir.glob("*.safetensors"):
+                if not f.with_suffix(".json").exists():
+                    f.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ entries
+    def _entry_files(self) -> list[Path]:
+        if not self.entries_dir.is_dir():
+            return []
+        return sorted(f for f in self.entries_dir.glob("*.json") if not f.name.startswith("."))
+
+    def names(self) -> list[str]:
+        return [f.stem for f in self._entry_files()]
+
+    def __contains__(self, name: str) -> bool:
+        return (self.entries_dir / f"{check_name(name)}.json").is_file()
+
+    def __len__(self) -> int:
+        return len(self._entry_files())
+
+    def _read_entry_json(self, f: Path) -> dict:
+        try:
+            return json.loads(f.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise MoepruneError(f"store entry {f} is corrupt ({e}); remove it with "
+                                f"`moeprune store remove {self.path} {f.stem}`") from None
+
+    def get(self, name: str) -> Entry:
+        f = self.entries_dir / f"{check_name(name)}.json"
+        if not f.is_file():
+            known = ", ".join(self.names()) or "none"
+            raise MoepruneError(f"no pattern named {name!r} in store {self.path} (stored: {known})")
+        data = self._read_entry_json(f)
+        return Entry(name, Pattern.from_dict(data["pattern"], str(f)), {k: v for k, v in data.items()
+                                                                        if k != "pattern"})
+
+    def list(self) -> list[Entry]:
+        return [self.get(n) for n in self.names()]
+
+    def profile(self, name: str) -> Profile:
+        """The profile statistics a pattern came from."""
+        entry = self.get(name)
+        tensors = self._entry_tensors(name)
+        meta = dict(entry.meta.get("profile", {}))
+        return Profile({k: tensors[k] for k in STATS}, tensors["signatures"], meta, tensors.get("routing"),
+                       tensors.get("hidden_signatures"))
+
+    def _entry_tensors(self, name: str) -> dict[str, torch.Tensor]:
+        f = self.entries_dir / f"{name}.safetensors"
+        try:
+            return load_file(str(f))
+        except Exception as e:
+            raise MoepruneError(f"store entry tensors {f} are unreadable ({e}); remove the entry with "
+                                f"`moeprune store remove {self.path} {name}` and add it again") from None
+
+    # ------------------------------------------------------------------ writes
+    def add(self, name: str, profile: Profile, pattern: Pattern, domain: str | None = None,
+            tags: dict | None = None, replace: bool = False, model: str | None = None) -> Entry:
+        """Store `pattern` (selected from `profile`) under `name`; refuses another model's patterns."""
+        check_name(name)
+        if pattern.fingerprint != profile.fingerprint:
+            raise MoepruneError("the pattern was not selected from this profile (fingerprints differ)")
+        kind = self.signature
+        sigs = profile_signatures(profile, kind)
+        if sigs.shape[0] == 0:
+            raise MoepruneError("the profile holds no demonstrations to index")
+        tensors = {k: profile.stats[k].contiguous() for k in STATS}
+        tensors["signatures"] = profile.signatures.contiguous()
+        if profile.hidden_signatures is not None:
+            tensors["hidden_signatures"] = profile.hidden_signatures.contiguous()
+        if profile.routing is not None:
+            tensors["routing"] = profile.routing.contiguous()
+        blob = save(tensors, metadata={"format": "moeprune-store-entry"})
+        with self._locked():
+            if self.exists():
+                m = self.manifest
+                if m["fingerprint"] != profile.fingerprint:
+                    raise MoepruneError(
+                        f"store {self.path} holds patterns of model {m['fingerprint']} ({m.get('model_type')}); "
+                        f"this profile is of {profile.fingerprint}: use another store")
+                if m["signature"]["dim"] != sigs.shape[1]:
+                    raise MoepruneError(f"signature dimension {sigs.shape[1]} differs from the store's "
+                                        f"{m['signature']['dim']}")
+                if model and not m.get("model"):
+                    atomic_write_json(self.manifest_path, dict(m, model=str(model)))
+            else:
+                atomic_write_json(self.manifest_path, {
+                    "format": "moeprune-store", "format_version": STORE_FORMAT, "moeprune_version": __version__,
+                    "fingerprint": profile.fingerprint, "model_type": profile.meta.get("model_type"),
+                    "model": str(model) if model else profile.meta.get("model"),
+                    "num_experts": profile.num_experts, "moe_layers": profile.moe_layers,
+                    "signature": {"kind": kind, "dim": int(sigs.shape[1])}, "threshold": "auto",
+                    "expert_budget": None, "created": _now()})
+            if name in self and not replace:
+                raise MoepruneError(f"a pattern named {name!r} is already in store {self.path}; "
+                                    "pass replace=True (--replace) to overwrite it")
+            self.entries_dir.mkdir(exist_ok=True)
+            atomic_write_bytes(self.entries_dir / f"{name}.safetensors", blob)
+            entry = {"name": name, "domain": domain or profile.domain, "created": _now(), "tags": tags or {},
+                     "n_demonstrations": int(sigs.shape[0]), "tensors_sha256": hashlib.sha256(blob).hexdigest(),
+                     "profile": profile.meta, "pattern": pattern.to_dict()}
+            atomic_write_json(self.entries_dir / f"{name}.json", entry)  # the commit point
+            self._rebuild_locked()
+        return self.get(name)
+
+    def remove(self, name: str) -> None:
+        check_name(name)
+        with self._locked():
+            if name not in self:
+                raise MoepruneError(f"no pattern named {name!r} in store {self.path}")
+            (self.entries_dir / f"{name}.json").unlink()  # the commit point
+            (self.entries_dir / f"{name}.safetensors").unlink(missing_ok=True)
+            self._rebuild_locked()
+
+    def set_options(self, threshold: float | str | None = None, expert_budget: float | int | None = None) -> None:
+        """Change the store's default search threshold ('auto' or a cosine) and fallback expert budget."""
+        with self._locked():
+            m = self.manifest
+            if threshold is not None:
+                if threshold != "auto" and not (isinstance(threshold, (int, float)) and -1 <= threshold <= 1):
+                    raise MoepruneError(f"threshold must be 'auto' or a cosine in [-1, 1], got {threshold!r}")
+                m["threshold"] = threshold
+            if expert_budget is not None:
+                m["expert_budget"] = expert_budget
+            atomic_write_json(self.manifest_path, m)
+
+    # ------------------------------------------------------------------ index
+    def _checksum(self) -> str:
+        h = hashlib.sha256()
+        for f in self._entry_files():
+            h.update(f.name.encode() + b"\0" + hashlib.sha256(f.read_bytes()).digest())
+        return h.hexdigest()
+
+    def rebuild_index(self) -> dict:
+        """Rebuild the FAISS index from the entries (under the writer lock); returns its metadata."""
+        with self._locked():
+            return self._rebuild_locked()
+
+    def _vectors(self) -> tuple[np.ndarray, list[str], list[int]]:
+        kind = self.signature
+        vecs, names, counts = [], [], []
+        for name in self.names():
+            entry = self.get(name)
+            tensors = self._entry_tensors(name)
+            if hashlib.sha256((self.entries_dir / f"{name}.safetensors").read_bytes()).hexdigest() != \
+                    entry.meta.get("tensors_sha256"):
+                raise MoepruneError(f"store entry {name!r} is corrupt (its tensors do not match their checksum); "
+                                    f"remove it with `moeprune store remove {self.path} {name}`")
+            key = "signatures" if kind == "router" else "hidden_signatures"
+            if key not in tensors:
+                raise MoepruneError(f"store entry {name!r} has no {kind} signatures")
+            vecs.append(tensors[key].float().numpy())
+            names.append(name)
+            counts.append(len(tensors[key]))
+        if not vecs:
+            return np.zeros((0, self.manifest["signature"]["dim"]), dtype=np.float32), [], []
+        return np.concatenate(vecs).astype(np.float32), names, counts
+
+    def _rebuild_locked(self) -> dict:
+        checksum = self._checksum()
+        raw, names, counts = self._vectors()
+        mean = raw.mean(0) if len(raw) else np.zeros(raw.shape[1], dtype=np.float32)
+        vecs = _normalise(raw - mean)
+        index = _make_index(vecs.shape[1], len(vecs))
+        if len(vecs):
+            index.add(vecs)
+        thresholds = _auto_thresholds(vecs, counts, names)
+        tmp = self.path / ".index.faiss.tmp"
+        faiss.write_index(index, str(tmp))
+        data = tmp.read_bytes()
+        tmp.unlink()
+        atomic_write_bytes(self.path / "index.faiss", data)
+        meta = {"format_version": STORE_FORMAT, "checksum": checksum, "faiss_sha256": hashlib.sha256(data).hexdigest(),
+                "kind": "flat" if len(vecs) <= FLAT_LIMIT else "hnsw", "n_vectors": int(len(vecs)),
+                "dim": int(vecs.shape[1]), "names": names, "counts": counts, "mean": mean.tolist(),
+                "thresholds": thresholds, "built": _now()}
+        atomic_write_json(self.path / "index.json", meta)
+        self._index, self._index_meta = index, meta
+        self.index_status = "fresh"
+        return meta
+
+    def _load_index(self) -> None:
+        """Load the index; a missing, corrupt or stale one is rebuilt (or reported if that is off)."""
+        self.manifest  # noqa: B018 - validates the manifest and its version
+        problem = None
+        try:
+            meta = json.loads((self.path / "index.json").read_text())
+            data = (self.path / "index.faiss").read_bytes()
+            if meta.get("checksum") != self._checksum():
+                problem = "it does not match the stored patterns (stale)"
+            elif meta.get("faiss_sha256") != hashlib.sha256(data).hexdigest():
+                problem = "index.faiss does not match its checksum (corrupt)"
+            else:
+                self._index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+                self._index_meta = meta
+                self.index_status = "ok"
+                return
+        except FileNotFoundError:
+            problem = "it is missing"
+        except (json.JSONDecodeError, UnicodeDecodeError, RuntimeError) as e:
+            problem = f"it is unreadable ({str(e).splitlines()[0]})"
+        if not self.auto_rebuild:
+            raise MoepruneError(f"the index of store {self.path} cannot be used: {problem}; rebuild it with "
+                                f"`moeprune store rebuild {self.path}`")
+        try:
+            self.rebuild_index()
+        except OSError:  # a read-only store: rebuild in memory only
+            raw, names, counts = self._vectors()
+            mean = raw.mean(0)
+            vecs = _normalise(raw - mean)
+            self._index = _make_index(vecs.shape[1], len(vecs))
+            self._index.add(vecs)
+            self._index_meta = {"names": names, "counts": counts, "mean": mean.tolist(), "n_vectors": len(vecs),
+                                "kind": "flat" if len(vecs) <= FLAT_LIMIT else "hnsw",
+                                "thresholds": _auto_thresholds(vecs, counts, names)}
+        self.index_status = f"rebuilt: {problem}"
+
+    def info(self) -> dict:
+        m = self.manifest
+        self._load_index()
+        meta = self._index_meta
+        return {"path": str(self.path), "format_version": m["format_version"], "model_type": m.get("model_type"),
+                "model": m.get("model"), "fingerprint": m["fingerprint"], "signature": m["signature"],
+                "patterns": len(meta["names"]), "vectors": meta["n_vectors"], "index": meta["kind"],
+                "index_status": self.index_status, "threshold": m.get("threshold", "auto"),
+                "expert_budget": m.get("expert_budget")}
+
+    # ------------------------------------------------------------------ search
+    def embed(self, queries: list, model, tokenizer) -> torch.Tensor:
+        return embed(model, tokenizer, queries, kind=self.signature)
+
+    def search(self, query, model=None, tokenizer=None, k: int = 16, threshold: float | str | None = None,
+               expert_budget: float | int | None = None) -> Match:
+        """The stored pattern for a query (text, chat messages, or a signature vector), or a fallback."""
+        return self.search_many([query], model, tokenizer, k, threshold, expert_budget)[0]
+
+    def search_many(self, queries: list, model=None, tokenizer=None, k: int = 16,
+                    threshold: float | str | None = None, expert_budget: float | int | None = None) -> list[Match]:
+        if not queries:
+            raise MoepruneError("no queries to search")
+        for q in queries:
+            if isinstance(q, str) and not q.strip():
+                raise MoepruneError("the query is empty")
+        if self._index is None or self._index_meta is None or self._index_meta.get("checksum") != self._checksum():
+            self._load_index()
+        meta = self._index_meta
+        if not meta["names"]:
+            raise MoepruneError(f"store {self.path} holds no patterns")
+        if all(isinstance(q, torch.Tensor) for q in queries):
+            vecs = torch.stack([q.float().reshape(-1) for q in queries]).numpy()
+        else:
+            if model is None or tokenizer is None:
+                raise MoepruneError("searching with text needs the model and its tokenizer")
+            fp = getattr(model, "moeprune_source_fingerprint", None) or _safe_fingerprint(model)
+            if fp != self.manifest["fingerprint"]:
+                raise MoepruneError(f"the model ({fp}) is not the one this store's patterns belong to "
+                                    f"({self.manifest['fingerprint']})")
+            vecs = self.embed(list(queries), model, tokenizer).numpy()
+        if vecs.shape[1] != len(meta["mean"]):
+            raise MoepruneError(f"query signature has dimension {vecs.shape[1]}, the store's is {len(meta['mean'])}")
+        vecs = _normalise(vecs - np.asarray(meta["mean"], dtype=np.float32))
+        k = max(1, min(k, meta["n_vectors"]))
+        sims, rows = self._index.search(vecs, k)
+        owner = np.repeat(np.arange(len(meta["names"])), meta["counts"])
+        m = self.manifest
+        threshold = m.get("threshold", "auto") if threshold is None else threshold
+        budget = m.get("expert_budget") if expert_budget is None else expert_budget
+        return [self._decide(s, r, owner, meta, threshold, budget) for s, r in zip(sims, rows, strict=True)]
+
+    def _decide(self, sims, rows, owner, meta, threshold, budget) -> Match:
+        names = meta["names"]
+        votes: dict[str, float] = {}
+        nearest: dict[str, float] = {}
+        for s, r in zip(sims.tolist(), rows.tolist(), strict=True):
+            if r < 0:
+                continue
+            n = names[owner[r]]
+            votes[n] = votes.get(n, 0.0) + max(s, 0.0)
+            nearest[n] = max(nearest.get(n, -1.0), s)
+        ranked = sorted(votes, key=lambda n: (-votes[n], -nearest[n]))
+        best = ranked[0]
+        total = sum(votes.values()) or 1.0
+        runner = ranked[1] if len(ranked) > 1 else None
+        t = float(meta["thresholds"].get(best, _DEFAULT_THRESHOLD)) if threshold == "auto" else float(threshold)
+        common = dict(score=nearest[best], confidence=votes[best] / total, runner_up=runner,
+                      runner_up_score=nearest.get(runner) if runner else None, threshold=t, votes=votes)
+        if nearest[best] >= t:
+            return Match(self.get(best).pattern, best, fell_back=False, reason="matched", **common)
+        top = [n for n in ranked[:3] if votes[n] > 0] or [best]
+        union = self.get(top[0]).pattern.union(*[self.get(n).pattern for n in top[1:]])
+        limit = _budget_count(budget, union.num_experts)
+        if limit is None or max(union.counts.values()) <= limit:
+            return Match(union, None if len(top) > 1 else best, fell_back=True,
+                         reason=f"no stored pattern is close enough; serving the union of {', '.join(top)}", **common)
+        full = Pattern({layer: list(range(union.num_experts)) for layer in union.kept},
+                       dict(union.meta, domains=[], strategy="full", criterion=None, budget=None))
+        return Match(full, None, fell_back=True,
+                     reason=f"no stored pattern is close enough and the union of {', '.join(top)} exceeds the "
+                            f"expert budget; serving all experts", **common)
+
+
+_DEFAULT_THRESHOLD = 0.5
+
+
+def _safe_fingerprint(model) -> str | None:
+    from ..fingerprint import model_fingerprint
+
+    try:
+        return model_fingerprint(model)
+    except Exception:  # a slim model's routers are sliced: its fingerprint is not the source's
+        return None
+
+
+def _budget_count(budget, n_experts: int) -> int | None:
+    if budget is None:
+        return None
+    if isinstance(budget, float) and 0 < budget <= 1:
+        return max(1, round(budget * n_experts))
+    return int(budget)
+
+
+def _normalise(v: np.ndarray) -> np.ndarray:
+    v = np.ascontiguousarray(v, dtype=np.float32)
+    norms = np.linalg.norm(v, axis=1, keepdims=True)
+    return v / np.maximum(norms, 1e-12)
+
+
+def _make_index(dim: int, n: int):
+    if n <= FLAT_LIMIT:
+        return faiss.IndexFlatIP(dim)
+    index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = 80
+    index.hnsw.efSearch = 64
+    return index
+
+
+def _auto_thresholds(vecs: np.ndarray, counts: list[int], names: list[str]) -> dict[str, float]:
+    """Per pattern: how close its own demonstrations are to each other (leave-one-out nearest
+    neighbour, low quantile, with slack). A query farther than that from every pattern has no match."""
+    out, start = {}, 0
+    for name, n in zip(names, counts, strict=True):
+        v = vecs[start : start + n][:2000]
+        start += n
+        if len(v) < MIN_DEMOS_FOR_AUTO:
+            out[name] = _DEFAULT_THRESHOLD
+            continue
+        sims = v @ v.T
+        np.fill_diagonal(sims, -np.inf)
+        loo = sims.max(1)
+        out[name] = float(np.quantile(loo, AUTO_QUANTILE) * AUTO_SLACK)
+    return out
