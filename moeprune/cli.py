@@ -151,6 +151,64 @@ def _cmd_bench_criteria(args) -> int:
     return 0
 
 
+def _cmd_store(args) -> int:
+    from .store import PatternStore
+
+    store = PatternStore(args.store, **({"signature": args.signature} if getattr(args, "signature", None) else {}))
+    action = args.store_command
+    if action == "add":
+        from .profiles import Profile
+
+        prof = Profile.load(args.profile)
+        pattern = prof.select(keep=_parse_keep(args.keep), criterion=args.criterion, strategy=args.strategy)
+        name = args.name or prof.domain
+        if not name:
+            raise MoepruneError("the profile has no domain name: pass --name")
+        tags = dict(t.split("=", 1) for t in args.tag or [] if "=" in t)
+        entry = store.add(name, prof, pattern, tags=tags, replace=args.replace, model=args.model)
+        print(f"added {entry.name!r}: {pattern.n_kept} experts kept over {len(pattern.kept)} layers, "
+              f"{entry.meta['n_demonstrations']} demonstrations indexed -> {store.path}")
+    elif action == "list":
+        entries = store.list()
+        if not entries:
+            print(f"{store.path}: no patterns")
+        for e in entries:
+            counts = sorted(set(e.pattern.counts.values()))
+            print(f"{e.name:<24} domain {e.domain or '-':<14} kept/layer {'-'.join(map(str, counts)):<6} "
+                  f"{e.pattern.meta.get('criterion')}, {e.meta.get('n_demonstrations')} demos, {e.meta.get('created')}")
+    elif action == "show":
+        from .report import summarize_pattern
+
+        e = store.get(args.name)
+        print(f"{e.name}: domain {e.domain or '-'}, created {e.meta.get('created')}, tags {e.meta.get('tags') or {}}")
+        print(summarize_pattern(e.pattern, store.profile(args.name)))
+    elif action == "remove":
+        store.remove(args.name)
+        print(f"removed {args.name!r} from {store.path}")
+    elif action == "info":
+        for k, v in store.info().items():
+            print(f"{k:<16} {v}")
+    elif action == "rebuild":
+        meta = store.rebuild_index()
+        print(f"rebuilt the {meta['kind']} index: {meta['n_vectors']} vectors of {len(meta['names'])} patterns")
+    elif action == "search":
+        from .models import load_model
+
+        model_path = args.model or store.manifest.get("model")
+        if not model_path:
+            raise MoepruneError("give --model (the store does not record one)")
+        model, tok = load_model(model_path)
+        threshold = args.threshold if args.threshold is None or args.threshold == "auto" else float(args.threshold)
+        match = store.search(args.query, model, tok, k=args.k, threshold=threshold)
+        print(f"match      {match.name or 'all experts'}")
+        print(f"fell back  {'yes: ' + match.reason if match.fell_back else 'no'}")
+        print(f"score      {match.score:.3f} (threshold {match.threshold:.3f}); confidence {match.confidence:.2f}")
+        if match.runner_up:
+            print(f"runner-up  {match.runner_up} ({match.runner_up_score:.3f})")
+        print(f"experts    {match.pattern.n_kept} kept ({match.pattern.kept_fraction:.0%})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .version import __version__
 
@@ -233,6 +291,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", default="bench-criteria", help="folder for the table, JSON and plots")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_bench_criteria)
+
+    p = sub.add_parser("store", help="the pattern store: add, list, show, remove, info, rebuild, search")
+    ss = p.add_subparsers(dest="store_command", required=True)
+    q = ss.add_parser("add", help="select a pattern from a profile and store it")
+    q.add_argument("store")
+    q.add_argument("--profile", required=True)
+    q.add_argument("--keep", required=True, help="fraction (0.5) or count per layer")
+    q.add_argument("--name", help="pattern name (default: the profile's domain)")
+    q.add_argument("--model", help="the model checkpoint, recorded for `store search`")
+    q.add_argument("--criterion", default="easy_ep")
+    q.add_argument("--strategy", default="uniform", choices=["uniform", "global"])
+    q.add_argument("--signature", choices=["router", "hidden"], help="signature kind of a new store (router)")
+    q.add_argument("--tag", action="append", help="free-form key=value tag (repeatable)")
+    q.add_argument("--replace", action="store_true", help="overwrite a pattern of the same name")
+    for verb, helptext in (("list", "list stored patterns"), ("info", "store facts and index state"),
+                           ("rebuild", "rebuild the FAISS index from the entries")):
+        q = ss.add_parser(verb, help=helptext)
+        q.add_argument("store")
+    for verb, helptext in (("show", "show one pattern"), ("remove", "remove one pattern")):
+        q = ss.add_parser(verb, help=helptext)
+        q.add_argument("store")
+        q.add_argument("name")
+    q = ss.add_parser("search", help="find the pattern for a query")
+    q.add_argument("store")
+    q.add_argument("query")
+    q.add_argument("--model", help="checkpoint folder (default: the one the store records)")
+    q.add_argument("--k", type=int, default=16, help="neighbouring demonstrations that vote")
+    q.add_argument("--threshold", help="'auto' (per-pattern, calibrated) or a cosine similarity")
+    p.set_defaults(func=_cmd_store)
     return parser
 
 

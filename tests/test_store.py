@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from moeprune import FormatVersionError, MoepruneError, Pattern, Profile
+from moeprune import FormatVersionError, MoepruneError, Profile
 from moeprune.profiles import STATS
 from moeprune.store import PatternStore
 

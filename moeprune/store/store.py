@@ -102,6 +102,8 @@ class PatternStore:
         self.index_status = "not loaded"
         self._index = None
         self._index_meta: dict | None = None
+        self._seen: tuple | None = None  # cheap fingerprint of the entries folder when the index was loaded
+        self._patterns: dict[str, Pattern] = {}
         if self.path.exists() and not self.path.is_dir():
             raise MoepruneError(f"{self.path} is a file, not a pattern store folder")
 
@@ -131,6 +133,13 @@ class PatternStore:
             raise FormatVersionError(f"store {self.path} has format version {m['format_version']}, newer than this "
                                      f"moeprune ({__version__}) reads (<= {STORE_FORMAT}); upgrade moeprune")
         return m
+
+    def _manifest_cached(self) -> dict:
+        st = self.manifest_path.stat()
+        key = (st.st_mtime_ns, st.st_ino)
+        if getattr(self, "_manifest_key", None) != key:
+            self._manifest_value, self._manifest_key = self.manifest, key
+        return self._manifest_value
 
     @property
     def signature(self) -> str:
@@ -213,8 +222,11 @@ class PatternStore:
 
     # ------------------------------------------------------------------ writes
     def add(self, name: str, profile: Profile, pattern: Pattern, domain: str | None = None,
-            tags: dict | None = None, replace: bool = False, model: str | None = None) -> Entry:
-        """Store `pattern` (selected from `profile`) under `name`; refuses another model's patterns."""
+            tags: dict | None = None, replace: bool = False, model: str | None = None,
+            rebuild: bool = True) -> Entry:
+        """Store `pattern` (selected from `profile`) under `name`; refuses another model's patterns.
+
+        With `rebuild=False` (bulk loading) the index is left stale until `rebuild_index()`."""
         check_name(name)
         if pattern.fingerprint != profile.fingerprint:
             raise MoepruneError("the pattern was not selected from this profile (fingerprints differ)")
@@ -258,7 +270,8 @@ class PatternStore:
                      "n_demonstrations": int(sigs.shape[0]), "tensors_sha256": hashlib.sha256(blob).hexdigest(),
                      "profile": profile.meta, "pattern": pattern.to_dict()}
             atomic_write_json(self.entries_dir / f"{name}.json", entry)  # the commit point
-            self._rebuild_locked()
+            if rebuild:
+                self._rebuild_locked()
         return self.get(name)
 
     def remove(self, name: str) -> None:
@@ -334,8 +347,23 @@ class PatternStore:
                 "thresholds": thresholds, "built": _now()}
         atomic_write_json(self.path / "index.json", meta)
         self._index, self._index_meta = index, meta
+        self._seen = self._entries_stamp()
+        self._patterns = {}
         self.index_status = "fresh"
         return meta
+
+    def _entries_stamp(self) -> tuple:
+        """Changes whenever an entry is added, replaced or removed (renames touch the folder)."""
+        try:
+            st = self.entries_dir.stat()
+            return (st.st_mtime_ns, st.st_ino, len(self._entry_files()))
+        except FileNotFoundError:
+            return (0, 0, 0)
+
+    def _pattern(self, name: str) -> Pattern:
+        if name not in self._patterns:
+            self._patterns[name] = self.get(name).pattern
+        return self._patterns[name]
 
     def _load_index(self) -> None:
         """Load the index; a missing, corrupt or stale one is rebuilt (or reported if that is off)."""
@@ -351,6 +379,8 @@ class PatternStore:
             else:
                 self._index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
                 self._index_meta = meta
+                self._seen = self._entries_stamp()
+                self._patterns = {}
                 self.index_status = "ok"
                 return
         except FileNotFoundError:
@@ -371,6 +401,8 @@ class PatternStore:
             self._index_meta = {"names": names, "counts": counts, "mean": mean.tolist(), "n_vectors": len(vecs),
                                 "kind": "flat" if len(vecs) <= FLAT_LIMIT else "hnsw",
                                 "thresholds": _auto_thresholds(vecs, counts, names)}
+            self._seen = self._entries_stamp()
+            self._patterns = {}
         self.index_status = f"rebuilt: {problem}"
 
     def info(self) -> dict:
@@ -399,7 +431,7 @@ class PatternStore:
         for q in queries:
             if isinstance(q, str) and not q.strip():
                 raise MoepruneError("the query is empty")
-        if self._index is None or self._index_meta is None or self._index_meta.get("checksum") != self._checksum():
+        if self._index is None or self._seen != self._entries_stamp():
             self._load_index()
         meta = self._index_meta
         if not meta["names"]:
@@ -409,8 +441,11 @@ class PatternStore:
         else:
             if model is None or tokenizer is None:
                 raise MoepruneError("searching with text needs the model and its tokenizer")
-            fp = getattr(model, "moeprune_source_fingerprint", None) or _safe_fingerprint(model)
-            if fp != self.manifest["fingerprint"]:
+            fp = getattr(model, "moeprune_source_fingerprint", None)
+            if fp is None:
+                fp = _safe_fingerprint(model)
+                model.moeprune_source_fingerprint = fp  # hashing the routers once per model is enough
+            if fp != self._manifest_cached()["fingerprint"]:
                 raise MoepruneError(f"the model ({fp}) is not the one this store's patterns belong to "
                                     f"({self.manifest['fingerprint']})")
             vecs = self.embed(list(queries), model, tokenizer).numpy()
@@ -420,7 +455,7 @@ class PatternStore:
         k = max(1, min(k, meta["n_vectors"]))
         sims, rows = self._index.search(vecs, k)
         owner = np.repeat(np.arange(len(meta["names"])), meta["counts"])
-        m = self.manifest
+        m = self._manifest_cached()
         threshold = m.get("threshold", "auto") if threshold is None else threshold
         budget = m.get("expert_budget") if expert_budget is None else expert_budget
         return [self._decide(s, r, owner, meta, threshold, budget) for s, r in zip(sims, rows, strict=True)]
@@ -443,9 +478,9 @@ class PatternStore:
         common = dict(score=nearest[best], confidence=votes[best] / total, runner_up=runner,
                       runner_up_score=nearest.get(runner) if runner else None, threshold=t, votes=votes)
         if nearest[best] >= t:
-            return Match(self.get(best).pattern, best, fell_back=False, reason="matched", **common)
+            return Match(self._pattern(best), best, fell_back=False, reason="matched", **common)
         top = [n for n in ranked[:3] if votes[n] > 0] or [best]
-        union = self.get(top[0]).pattern.union(*[self.get(n).pattern for n in top[1:]])
+        union = self._pattern(top[0]).union(*[self._pattern(n) for n in top[1:]])
         limit = _budget_count(budget, union.num_experts)
         if limit is None or max(union.counts.values()) <= limit:
             return Match(union, None if len(top) > 1 else best, fell_back=True,

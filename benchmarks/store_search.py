@@ -1,0 +1,136 @@
+"""Pattern-store search latency, and the cost of a query's signature against a full forward.
+
+1. Latency: stores of 1k, 10k and 100k synthetic signature vectors of the demo model's real
+   dimensions (router: its expert count; hidden: its hidden size), 100 demonstrations per pattern
+   drawn around random pattern centres; flat (exact) and HNSW (approximate) FAISS indexes.
+   Times `PatternStore.search` with a precomputed query vector (index search + voting + the
+   pattern lookup), p50 and p99 over 2000 queries, and the top-1 agreement of HNSW with flat.
+2. Signature cost: on the bundled demo model, the time to embed a batch of queries (first 512
+   characters of eval documents; the forward stops at the first MoE router) over the time of one
+   full forward of the same batch, median of 15 interleaved runs.
+
+    python benchmarks/store_search.py [--sizes 1000 10000 100000] [--corpora ../shared/corpora]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import moeprune.store.store as store_mod
+from moeprune.profiles import STATS, Profile
+from moeprune.store import PatternStore
+
+PER_PATTERN = 100
+
+
+def build_store(path: Path, n_vectors: int, dim: int, approximate: bool, seed: int = 0) -> PatternStore:
+    rng = np.random.default_rng(seed)
+    n_patterns = max(1, n_vectors // PER_PATTERN)
+    store_mod.FLAT_LIMIT = 0 if approximate else 10**9  # force the index kind for the comparison
+    store = PatternStore(path)
+    for p in range(n_patterns):
+        centre = rng.normal(size=dim)
+        sigs = torch.tensor(centre + 0.3 * rng.normal(size=(PER_PATTERN, dim)), dtype=torch.float32)
+        stats = {k: torch.rand(2, 8, dtype=torch.float64) for k in STATS}
+        meta = {"model_type": "qwen3_moe", "fingerprint": "sha256:bench", "domain": f"d{p}", "n_prompts": PER_PATTERN,
+                "n_tokens": 1000, "moe_layers": [0, 1], "num_experts": 8, "top_k": 2, "groups": None}
+        prof = Profile(stats, sigs, meta, None, sigs)
+        store.add(f"p{p}", prof, prof.select(keep=0.5, criterion="frequency"), rebuild=False)
+    store.rebuild_index()
+    return store
+
+
+def latency(store: PatternStore, dim: int, n: int = 2000) -> tuple[float, float, list[str]]:
+    rng = np.random.default_rng(1)
+    queries = [torch.tensor(rng.normal(size=dim), dtype=torch.float32) for _ in range(n)]
+    store.search(queries[0])  # load the index
+    times, names = [], []
+    for q in queries:
+        t0 = time.perf_counter()
+        m = store.search(q)
+        times.append(time.perf_counter() - t0)
+        names.append(m.name)
+    times.sort()
+    return times[len(times) // 2] * 1e3, times[int(len(times) * 0.99)] * 1e3, names
+
+
+def signature_cost(corpora: Path, runs: int = 15) -> tuple[float, float, float]:
+    import json
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moeprune.demo import DEMO_MODEL
+    from moeprune.store.signature import embed
+
+    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    with open(corpora / "python" / "eval.jsonl") as f:
+        texts = [json.loads(line)["text"][:512] for _, line in zip(range(8), f, strict=False)]
+    enc = tok(texts, padding=True, return_tensors="pt")
+
+    def full():
+        with torch.no_grad():
+            model(**enc, use_cache=False)
+
+    def sig():
+        embed(model, tok, texts, kind="router")
+
+    for f in (full, sig, full, sig):
+        f()
+    tf, ts = [], []
+    for _ in range(runs):
+        for f, acc in ((full, tf), (sig, ts)):
+            t0 = time.perf_counter()
+            f()
+            acc.append(time.perf_counter() - t0)
+    a, b = statistics.median(tf), statistics.median(ts)
+    return a * 1e3, b * 1e3, b / a
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000, 100000])
+    ap.add_argument("--corpora", default=str(Path(__file__).resolve().parents[2] / "shared" / "corpora"))
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import faiss
+
+    faiss.omp_set_num_threads(1)  # one query at a time: threading only adds overhead
+    from moeprune.demo import DEMO_MODEL
+
+    config = __import__("json").loads((DEMO_MODEL / "config.json").read_text())
+    dims = {"router": config["num_experts"], "hidden": config["hidden_size"]}
+    print("| vectors | signature (dim) | index | p50 ms | p99 ms | top-1 = flat |")
+    print("|---|---|---|---|---|---|")
+    for n in args.sizes:
+        for kind, dim in dims.items():
+            results = {}
+            for approx in (False, True):
+                with tempfile.TemporaryDirectory() as tmp:
+                    store = build_store(Path(tmp) / "s", n, dim, approx)
+                    results[approx] = latency(store, dim)
+            agree = np.mean([a == b for a, b in zip(results[False][2], results[True][2], strict=True)])
+            for approx in (False, True):
+                p50, p99, _ = results[approx]
+                label = "HNSW (approximate)" if approx else "flat (exact)"
+                print(f"| {n:,} | {kind} ({dim}) | {label} | {p50:.3f} | {p99:.3f} | "
+                      f"{'-' if not approx else f'{agree:.1%}'} |", flush=True)
+    corpora = Path(args.corpora)
+    if (corpora / "python" / "eval.jsonl").is_file() and (DEMO_MODEL / "config.json").is_file():
+        full_ms, sig_ms, ratio = signature_cost(corpora)
+        print(f"\nsignature of 8 queries (<=512 chars): {sig_ms:.1f} ms; full forward of the same batch: "
+              f"{full_ms:.1f} ms; ratio {ratio:.3f}x (target <= 0.3x)")
+    else:
+        print("\n(signature cost skipped: corpora or demo model missing)")
+
+
+if __name__ == "__main__":
+    main()
