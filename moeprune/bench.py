@@ -170,6 +170,7 @@ def plots(result: dict, out_dir: str | os.PathLike) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -187,6 +188,8 @@ def plots(result: dict, out_dir: str | os.PathLike) -> list[Path]:
     ax.set_xlabel("fraction of experts kept")
     ax.set_ylabel("pruned / full perplexity (geo. mean)")
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%.1f"))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title("Perplexity cost of pruning, by criterion")

@@ -35,7 +35,7 @@ def token_stream(texts: list[str], tokenizer, max_tokens: int | None = None) -> 
     eos = tokenizer.eos_token_id
     ids: list[int] = []
     for text in texts:
-        ids += tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
         if eos is not None:
             ids.append(eos)
         if max_tokens and len(ids) >= max_tokens + 1:
