@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--model", help="the model checkpoint, recorded for `store search`")
     q.add_argument("--criterion", default="easy_ep")
     q.add_argument("--strategy", default="uniform", choices=["uniform", "global"])
-    q.add_argument("--signature", choices=["router", "hidden"], help="signature kind of a new store (router)")
+    q.add_argument("--signature", choices=["router", "hidden"], help="signature kind of a new store (default hidden: measured better on the demo model)")
     q.add_argument("--tag", action="append", help="free-form key=value tag (repeatable)")
     q.add_argument("--replace", action="store_true", help="overwrite a pattern of the same name")
     for verb, helptext in (("list", "list stored patterns"), ("info", "store facts and index state"),

@@ -14,7 +14,7 @@ def test_retrieval_accuracy_and_fallback(shared_corpora):
 
     model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(DEMO_MODEL)
-    r = retrieval_benchmark(model, tok, shared_corpora, list(DOMAINS), kind="router")
+    r = retrieval_benchmark(model, tok, shared_corpora, list(DOMAINS), kind="hidden")
     print("\n" + confusion_table(r, list(DOMAINS)))
     print("held-out fallback:", {d: round(v, 2) for d, v in r["held_out_fallback"].items()})
     assert r["accuracy"] >= 0.95

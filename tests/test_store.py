@@ -39,7 +39,7 @@ def onehot(i, scale=1.0):
 
 @pytest.fixture
 def store(tmp_path):
-    s = PatternStore(tmp_path / "store")
+    s = PatternStore(tmp_path / "store", signature="router")
     for i, d in enumerate(["code", "bible", "legal"]):
         prof, pat = synthetic(d, onehot(i), seed=i)
         s.add(d, prof, pat)

@@ -13,18 +13,22 @@ from .store import PatternStore
 
 
 def eval_queries(corpora: Path, domain: str, n: int, chars: int = 512) -> list[str]:
-    out = []
+    """`n` queries: the first `chars` characters of each eval document; where a domain has fewer
+    than `n` documents, the next `chars` of each document in turn, and so on."""
     with open(corpora / domain / "eval.jsonl", encoding="utf-8") as f:
-        for line in f:
-            text = json.loads(line)["text"][:chars]
-            if text.strip():
-                out.append(text)
-            if len(out) == n:
-                break
+        docs = [json.loads(line)["text"] for line in f if line.strip()]
+    out: list[str] = []
+    for start in range(0, max((len(d) for d in docs), default=0), chars):
+        for d in docs:
+            piece = d[start : start + chars]
+            if piece.strip() and len(piece) >= chars // 4:
+                out.append(piece)
+                if len(out) == n:
+                    return out
     return out
 
 
-def retrieval_benchmark(model, tokenizer, corpora: str | os.PathLike, domains: list[str], kind: str = "router",
+def retrieval_benchmark(model, tokenizer, corpora: str | os.PathLike, domains: list[str], kind: str = "hidden",
                         n_calib: int = 64, n_queries: int = 50, max_length: int = 256,
                         profiles: dict | None = None) -> dict:
     """Top-1 accuracy with every domain stored, and the fallback rate of each domain left out."""

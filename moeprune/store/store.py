@@ -93,7 +93,7 @@ class Match:
 class PatternStore:
     """A folder of named patterns with a FAISS index of their demonstrations' signatures."""
 
-    def __init__(self, path: str | os.PathLike, signature: str = "router", auto_rebuild: bool = True):
+    def __init__(self, path: str | os.PathLike, signature: str = "hidden", auto_rebuild: bool = True):
         self.path = Path(path)
         if signature not in KINDS:
             raise MoepruneError(f"unknown signature kind {signature!r}; choose one of {', '.join(KINDS)}")
