@@ -30,13 +30,16 @@ from moeprune.store import PatternStore
 PER_PATTERN = 100
 
 
-def build_store(path: Path, n_vectors: int, dim: int, approximate: bool, seed: int = 0) -> PatternStore:
+def build_store(path: Path, n_vectors: int, dim: int, approximate: bool, seed: int = 0
+                ) -> tuple[PatternStore, np.ndarray]:
     rng = np.random.default_rng(seed)
+    centres = []
     n_patterns = max(1, n_vectors // PER_PATTERN)
     store_mod.FLAT_LIMIT = 0 if approximate else 10**9  # force the index kind for the comparison
     store = PatternStore(path)
     for p in range(n_patterns):
         centre = rng.normal(size=dim)
+        centres.append(centre)
         sigs = torch.tensor(centre + 0.3 * rng.normal(size=(PER_PATTERN, dim)), dtype=torch.float32)
         stats = {k: torch.rand(2, 8, dtype=torch.float64) for k in STATS}
         meta = {"model_type": "qwen3_moe", "fingerprint": "sha256:bench", "domain": f"d{p}", "n_prompts": PER_PATTERN,
@@ -44,12 +47,15 @@ def build_store(path: Path, n_vectors: int, dim: int, approximate: bool, seed: i
         prof = Profile(stats, sigs, meta, None, sigs)
         store.add(f"p{p}", prof, prof.select(keep=0.5, criterion="frequency"), rebuild=False)
     store.rebuild_index()
-    return store
+    return store, np.stack(centres)
 
 
-def latency(store: PatternStore, dim: int, n: int = 2000) -> tuple[float, float, list[str]]:
+def latency(store: PatternStore, centres: np.ndarray, n: int = 2000) -> tuple[float, float, list[str]]:
+    """Queries drawn like the demonstrations (a random pattern's centre plus the same noise)."""
     rng = np.random.default_rng(1)
-    queries = [torch.tensor(rng.normal(size=dim), dtype=torch.float32) for _ in range(n)]
+    picks = rng.integers(len(centres), size=n)
+    queries = [torch.tensor(centres[i] + 0.3 * rng.normal(size=centres.shape[1]), dtype=torch.float32)
+               for i in picks]
     store.search(queries[0])  # load the index
     times, names = [], []
     for q in queries:
@@ -104,10 +110,13 @@ def main() -> None:
     import faiss
 
     faiss.omp_set_num_threads(1)  # one query at a time: threading only adds overhead
+    from transformers import AutoConfig
+
+    from moeprune import get_adapter
     from moeprune.demo import DEMO_MODEL
 
-    config = __import__("json").loads((DEMO_MODEL / "config.json").read_text())
-    dims = {"router": config["num_experts"], "hidden": config["hidden_size"]}
+    config = AutoConfig.from_pretrained(DEMO_MODEL)
+    dims = {"router": get_adapter(config).num_experts(config), "hidden": config.hidden_size}
     print("| vectors | signature (dim) | index | p50 ms | p99 ms | top-1 = flat |")
     print("|---|---|---|---|---|---|")
     for n in args.sizes:
@@ -115,8 +124,8 @@ def main() -> None:
             results = {}
             for approx in (False, True):
                 with tempfile.TemporaryDirectory() as tmp:
-                    store = build_store(Path(tmp) / "s", n, dim, approx)
-                    results[approx] = latency(store, dim)
+                    store, centres = build_store(Path(tmp) / "s", n, dim, approx)
+                    results[approx] = latency(store, centres)
             agree = np.mean([a == b for a, b in zip(results[False][2], results[True][2], strict=True)])
             for approx in (False, True):
                 p50, p99, _ = results[approx]

@@ -237,7 +237,7 @@ class PatternStore:
         tensors = {k: profile.stats[k].contiguous() for k in STATS}
         tensors["signatures"] = profile.signatures.contiguous()
         if profile.hidden_signatures is not None:
-            tensors["hidden_signatures"] = profile.hidden_signatures.contiguous()
+            tensors["hidden_signatures"] = profile.hidden_signatures.clone()  # never shares memory
         if profile.routing is not None:
             tensors["routing"] = profile.routing.contiguous()
         blob = save(tensors, metadata={"format": "moeprune-store-entry"})
@@ -356,9 +356,9 @@ class PatternStore:
         """Changes whenever an entry is added, replaced or removed (renames touch the folder)."""
         try:
             st = self.entries_dir.stat()
-            return (st.st_mtime_ns, st.st_ino, len(self._entry_files()))
+            return (st.st_mtime_ns, st.st_ino)
         except FileNotFoundError:
-            return (0, 0, 0)
+            return (0, 0)
 
     def _pattern(self, name: str) -> Pattern:
         if name not in self._patterns:
@@ -454,7 +454,9 @@ class PatternStore:
         vecs = _normalise(vecs - np.asarray(meta["mean"], dtype=np.float32))
         k = max(1, min(k, meta["n_vectors"]))
         sims, rows = self._index.search(vecs, k)
-        owner = np.repeat(np.arange(len(meta["names"])), meta["counts"])
+        owner = meta.get("_owner")
+        if owner is None:  # row -> pattern number, computed once per loaded index
+            owner = meta["_owner"] = np.repeat(np.arange(len(meta["names"])), meta["counts"])
         m = self._manifest_cached()
         threshold = m.get("threshold", "auto") if threshold is None else threshold
         budget = m.get("expert_budget") if expert_budget is None else expert_budget
@@ -523,7 +525,7 @@ def _make_index(dim: int, n: int):
         return faiss.IndexFlatIP(dim)
     index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = 80
-    index.hnsw.efSearch = 64
+    index.hnsw.efSearch = 128
     return index
 
 
