@@ -13,7 +13,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_corpora():
     path = SHARED / "corpora"
     if not path.is_dir():
