@@ -209,6 +209,15 @@ def _cmd_store(args) -> int:
     return 0
 
 
+def _cmd_serve(args) -> int:
+    from .serve.server import serve
+
+    budget = _parse_keep(args.expert_budget) if args.expert_budget else 1.0
+    serve(args.model, args.store, host=args.host, port=args.port, api_key=args.api_key, expert_budget=budget,
+          max_batch=args.max_batch, max_queue=args.max_queue, dtype=args.dtype)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .version import __version__
 
@@ -320,6 +329,18 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--k", type=int, default=16, help="neighbouring demonstrations that vote")
     q.add_argument("--threshold", help="'auto' (per-pattern, calibrated) or a cosine similarity")
     p.set_defaults(func=_cmd_store)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible server that swaps experts per request")
+    p.add_argument("model", help="checkpoint folder")
+    p.add_argument("--store", required=True, help="pattern store of this model")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY (or set MOEPRUNE_API_KEY)")
+    p.add_argument("--expert-budget", help="experts held per layer: a count, or a fraction (default: all)")
+    p.add_argument("--max-batch", type=int, default=8, help="same-pattern requests generated together")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    p.add_argument("--dtype", default=None)
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 

@@ -10,6 +10,7 @@ model whose later layers are not even loaded) embeds queries just as well.
 from __future__ import annotations
 
 import contextlib
+import threading
 
 import torch
 from torch import nn
@@ -19,6 +20,9 @@ from ..prompts import Prompt, render
 from ..routers import get_adapter
 
 KINDS = ("router", "hidden")
+
+# A hook on a shared router sees every thread's forward: one embedding at a time (it is cheap).
+_EMBED_LOCK = threading.Lock()
 
 
 class _Stop(Exception):
@@ -56,7 +60,11 @@ def embed(model: nn.Module, tokenizer, texts: list[Prompt], kind: str = "router"
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     captured: dict[str, torch.Tensor] = {}
 
+    owner = threading.get_ident()
+
     def grab(module, args):
+        if threading.get_ident() != owner:  # another thread (a server's generation) shares this model
+            return None
         x = args[0]
         if kind == "router":  # .forward() bypasses this hook; the router's own maths gives its logits
             x = adapter.router_probs(module, module.forward(x)[0])
@@ -64,6 +72,11 @@ def embed(model: nn.Module, tokenizer, texts: list[Prompt], kind: str = "router"
         raise _Stop
 
     out = []
+    with _EMBED_LOCK:
+        return _run(model, router, grab, captured, encoded, pad, device, batch_size, out)
+
+
+def _run(model, router, grab, captured, encoded, pad, device, batch_size, out) -> torch.Tensor:
     handle = router.register_forward_pre_hook(grab)
     try:
         for start in range(0, len(encoded), batch_size):
