@@ -81,8 +81,10 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
 
 
 class Engine:
-    def __init__(self, pool: ExpertPool, tokenizer, max_batch: int = 8, max_queue: int = 64):
+    def __init__(self, pool: ExpertPool, tokenizer, max_batch: int = 8, max_queue: int = 64,
+                 batch_wait: float = 0.002):
         self.pool, self.tokenizer = pool, tokenizer
+        self.batch_wait = batch_wait  # after the first request, wait this long for others to batch with it
         self.max_batch, self.max_queue = max_batch, max_queue
         self._queue: queue.Queue[Job] = queue.Queue()
         self._pending: list[Job] = []
@@ -126,9 +128,10 @@ class Engine:
             except queue.Empty:
                 if self._stop.is_set():
                     return []
-        while True:  # take what else is waiting, to batch it
+        deadline = time.monotonic() + self.batch_wait
+        while True:  # take what else is waiting (or arrives within batch_wait), to batch it
             try:
-                self._pending.append(self._queue.get_nowait())
+                self._pending.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 break
         first = self._pending.pop(0)
