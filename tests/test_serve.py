@@ -232,3 +232,18 @@ def test_switch_reads_only_missing_experts(server, client):
     union = max(len(set().union(*(p.kept[layer] for p in pats.values()))) for layer in pats["python"].kept)
     assert union <= BUDGET or total > 0  # three patterns that do not fit together force real loads
     assert _metric(server, "moeprune_resident_experts") <= BUDGET * len(pats["python"].kept)
+
+
+def test_chat_that_drifts_gets_other_experts(client):
+    code = "import os\nimport sys\n\ndef main(argv):\n    for name in os.listdir(argv[1]):\n        print(name)\n"
+    verse = ("And it came to pass, when men began to multiply on the face of the earth, and daughters were born "
+             "unto them, That the sons of God saw the daughters of men that they were fair; and they took them "
+             "wives of all which they chose.")
+    first = client.chat.completions.with_raw_response.create(
+        model="demo_model", max_tokens=4, temperature=0, messages=[{"role": "user", "content": code}])
+    assert _pattern_of(first) == "python"
+    later = client.chat.completions.with_raw_response.create(
+        model="demo_model", max_tokens=4, temperature=0,
+        messages=[{"role": "user", "content": code}, {"role": "assistant", "content": "ok"},
+                  {"role": "user", "content": verse}])
+    assert _pattern_of(later) == "bible"  # retrieval follows the latest user turn

@@ -82,9 +82,12 @@ def cut_at_stop(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
 
 class Engine:
     def __init__(self, pool: ExpertPool, tokenizer, max_batch: int = 8, max_queue: int = 64,
-                 batch_wait: float = 0.002):
+                 batch_wait: float = 0.02):
         self.pool, self.tokenizer = pool, tokenizer
-        self.batch_wait = batch_wait  # after the first request, wait this long for others to batch with it
+        # After the first request, wait up to this long for requests still being parsed to join its batch;
+        # with none on the way (a lone client) there is no wait at all.
+        self.batch_wait = batch_wait
+        self.arriving = 0
         self.max_batch, self.max_queue = max_batch, max_queue
         self._queue: queue.Queue[Job] = queue.Queue()
         self._pending: list[Job] = []
@@ -101,6 +104,11 @@ class Engine:
     @property
     def depth(self) -> int:
         return self._queue.qsize() + len(self._pending) + self._busy
+
+    def arrive(self, delta: int) -> None:
+        """The HTTP layer counts requests it has accepted but not yet submitted (or refused)."""
+        with self._lock:
+            self.arriving += delta
 
     def submit(self, job: Job) -> None:
         with self._lock:
@@ -129,11 +137,15 @@ class Engine:
                 if self._stop.is_set():
                     return []
         deadline = time.monotonic() + self.batch_wait
-        while True:  # take what else is waiting (or arrives within batch_wait), to batch it
+        while len(self._pending) < self.max_batch:  # take what is waiting, and what is on its way
             try:
-                self._pending.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                self._pending.append(self._queue.get_nowait())
+                continue
             except queue.Empty:
+                pass
+            if self.arriving <= 0 or time.monotonic() >= deadline:
                 break
+            time.sleep(0.0005)
         first = self._pending.pop(0)
         batch = [first]
         if not first.stream:

@@ -348,25 +348,29 @@ class ExpertPool:
         return plan
 
     def _load(self, plan: dict[int, list[tuple[int, int]]]):
-        """Read the planned experts, then write them into their slots (nothing changes if a read fails)."""
+        """Read the planned experts layer by layer and write them into their slots.
+
+        One layer is staged at a time, so loading costs at most one layer's experts of extra memory.
+        Each layer commits (data, then bookkeeping) on its own: if a read fails, the layers before it
+        hold their new experts consistently, the failing layer is untouched, and the error propagates.
+        """
         reader = self._reader
-        before = reader.bytes_read
-        staged: dict[int, dict[str, torch.Tensor]] = {}
-        jobs: list[Job] = []
-        for layer, pairs in plan.items():
-            staged[layer], layer_jobs = expert_reads(reader, self.adapter, layer, [e for e, _ in pairs])
-            jobs += layer_jobs
-        run_reads(jobs, self.threads)
-        bytes_read = reader.bytes_read - before
+        bytes_read = 0
         loaded: dict[int, list[int]] = {}
         evicted: dict[int, list[int]] = {}
-        with torch.no_grad():
+        try:
             for layer, pairs in plan.items():
+                before = reader.bytes_read
+                staged, jobs = expert_reads(reader, self.adapter, layer, [e for e, _ in pairs])
+                run_reads(jobs, self.threads)
+                bytes_read += reader.bytes_read - before
                 st = self._slots[layer]
-                for name, buf in staged[layer].items():
-                    param = self.model.get_parameter(name)
-                    index = torch.tensor([s for _, s in pairs], dtype=torch.long, device=param.device)
-                    param.index_copy_(0, index, buf.to(device=param.device, dtype=param.dtype))
+                with torch.no_grad():
+                    for name, buf in staged.items():
+                        param = self.model.get_parameter(name)
+                        index = torch.tensor([s for _, s in pairs], dtype=torch.long, device=param.device)
+                        param.index_copy_(0, index, buf.to(device=param.device, dtype=param.dtype))
+                del staged, jobs
                 for e, s in pairs:
                     old = st.expert_in_slot[s]
                     if old is not None:
@@ -375,9 +379,10 @@ class ExpertPool:
                     st.expert_in_slot[s] = e
                     st.slot_of[e] = s
                     loaded.setdefault(layer, []).append(e)
-        self._loads += sum(len(v) for v in loaded.values())
-        self._evictions += sum(len(v) for v in evicted.values())
-        self._bytes_read += bytes_read
+        finally:
+            self._loads += sum(len(v) for v in loaded.values())
+            self._evictions += sum(len(v) for v in evicted.values())
+            self._bytes_read += bytes_read
         return bytes_read, loaded, {layer: sorted(v) for layer, v in evicted.items()}
 
     def _routes(self, pattern: Pattern) -> Routes:

@@ -206,6 +206,8 @@ def create_app(pool: ExpertPool, store, config: ServeConfig):
     async def run(endpoint: str, request: Request, chat: bool):
         t0 = time.perf_counter()
         status = "200"
+        engine.arrive(+1)
+        arriving = True
         try:
             body = await read_body(request)
             params = parse_common(body)
@@ -240,6 +242,8 @@ def create_app(pool: ExpertPool, store, config: ServeConfig):
                       params["seed"], params["stream"], loop, asyncio.Queue())
             try:
                 engine.submit(job)
+                engine.arrive(-1)
+                arriving = False
             except QueueFull as e:
                 raise APIError(429, str(e), "rate_limit_error", "queue_full") from None
             except MoepruneError as e:
@@ -270,6 +274,8 @@ def create_app(pool: ExpertPool, store, config: ServeConfig):
             status = str(e.status)
             return _error_response(e)
         finally:
+            if arriving:
+                engine.arrive(-1)
             metrics["requests"].labels(endpoint, status).inc()
             metrics["latency"].labels(endpoint).observe(time.perf_counter() - t0)
 
