@@ -27,6 +27,24 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _start(store_path, port, *extra):
+    env = dict(os.environ, MOEPRUNE_API_KEY=KEY)
+    proc = subprocess.Popen([sys.executable, "-m", "moeprune.cli", "serve", str(DEMO_MODEL), "--store",
+                             str(store_path), "--port", str(port), "--expert-budget", str(BUDGET), *extra],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            raise RuntimeError(proc.stdout.read())
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -44,25 +62,8 @@ def server(tmp_path_factory):
                                 max_length=256)
         store.add(d, prof, prof.select(keep=0.5), rebuild=False)
     store.rebuild_index()
-    port = _free_port()
-    env = dict(os.environ, MOEPRUNE_API_KEY=KEY)
-    proc = subprocess.Popen([sys.executable, "-m", "moeprune.cli", "serve", str(DEMO_MODEL), "--store",
-                             str(root / "store"), "--port", str(port), "--expert-budget", str(BUDGET),
-                             "--max-queue", "2", "--max-batch", "4"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-        if proc.poll() is not None:
-            raise RuntimeError(proc.stdout.read())
-    else:
-        proc.kill()
-        raise RuntimeError("server did not start")
-    yield {"url": url, "store": store, "proc": proc}
+    proc, url = _start(root / "store", _free_port(), "--max-queue", "2", "--max-batch", "4")
+    yield {"url": url, "store": store, "proc": proc, "store_path": root / "store"}
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(timeout=30)
@@ -178,6 +179,9 @@ def test_queue_full_then_recovers(server, client):
     threads = [threading.Thread(target=call) for _ in range(10)]
     for t in threads:
         t.start()
+    t0 = time.perf_counter()
+    health = httpx.get(f"{server['url']}/health", timeout=10)  # generation runs off the event loop
+    assert health.status_code == 200 and time.perf_counter() - t0 < 2.0
     for t in threads:
         t.join()
     assert 429 in statuses and 200 in statuses and set(statuses) <= {200, 429}
@@ -247,3 +251,21 @@ def test_chat_that_drifts_gets_other_experts(client):
         messages=[{"role": "user", "content": code}, {"role": "assistant", "content": "ok"},
                   {"role": "user", "content": verse}])
     assert _pattern_of(later) == "bible"  # retrieval follows the latest user turn
+
+
+def test_ctrl_c_drains_in_flight_requests(server):
+    proc, url = _start(server["store_path"], _free_port())
+    result = {}
+
+    def call():
+        r = httpx.post(f"{url}/v1/completions", timeout=120, headers={"Authorization": f"Bearer {KEY}"},
+                       json={"prompt": "def f(x):", "max_tokens": 200, "temperature": 0})
+        result["status"], result["tokens"] = r.status_code, r.json()["usage"]["completion_tokens"]
+
+    t = threading.Thread(target=call)
+    t.start()
+    time.sleep(0.3)  # the request is in flight
+    proc.send_signal(signal.SIGINT)
+    t.join(timeout=120)
+    assert proc.wait(timeout=60) == 0
+    assert result["status"] == 200 and result["tokens"] > 0
