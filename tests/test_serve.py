@@ -269,3 +269,16 @@ def test_ctrl_c_drains_in_flight_requests(server):
     t.join(timeout=120)
     assert proc.wait(timeout=60) == 0
     assert result["status"] == 200 and result["tokens"] > 0
+
+
+def test_stop_and_seed(client):
+    kw = dict(model="demo_model:python", prompt="import os\nimport sys\n", max_tokens=40)
+    plain = client.completions.create(temperature=0, **kw).choices[0].text
+    cut = client.completions.create(temperature=0, stop=["\n"], **kw).choices[0]
+    assert "\n" not in cut.text and plain.startswith(cut.text) and cut.finish_reason == "stop"
+    streamed = "".join(c.choices[0].text for c in client.completions.create(temperature=0, stop=["\n"], stream=True,
+                                                                              **kw))
+    assert streamed == cut.text
+    a = client.completions.create(temperature=1.0, seed=7, **kw).choices[0].text
+    b = client.completions.create(temperature=1.0, seed=7, **kw).choices[0].text
+    assert a == b
