@@ -16,12 +16,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import MoepruneError, PromptError
+from .errors import MoepruneError
 from .fingerprint import model_fingerprint
 from .hooks import hooks, record_experts
 from .models import load_model
 from .profiles import STATS, Profile
-from .prompts import read_prompts, render
+from .prompts import encode, read_prompts
 from .routers import get_adapter
 from .routers.base import MoEAdapter
 from .version import PROFILE_FORMAT, __version__
@@ -135,13 +135,7 @@ def profile(
     layers = adapter.decoder_layers(model)
     n_experts, device = adapter.num_experts(model.config), next(model.parameters()).device
 
-    encoded = []
-    for i, p in enumerate(items):
-        ids = tokenizer(render(p, tokenizer), truncation=True, max_length=max_length)["input_ids"]
-        if not ids:
-            raise PromptError(f"prompt {i} is empty after tokenisation")
-        encoded.append(ids)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    encoded, pad_id = encode(items, tokenizer, max_length)
 
     rec = _Recorder(adapter, len(blocks), n_experts, len(items), tcess_threshold, routing_tokens)
     handles, callbacks = [], {}

@@ -33,12 +33,7 @@ def _looks_like_path(s: str) -> bool:
 
 
 def _read_file(path: Path) -> list[Prompt]:
-    if not path.is_file():
-        raise PromptError(f"prompt file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise PromptError(f"prompt file {path} is not UTF-8 text: {e}") from None
+    text = _read_text(path, "prompt file")
     if path.suffix in (".jsonl", ".json"):
         prompts: list[Prompt] = []
         for n, line in enumerate(text.splitlines(), start=1):
@@ -86,12 +81,7 @@ def read_documents(source) -> list[str]:
             raise PromptError("no evaluation texts in the list")
         return docs
     path = Path(source)
-    if not path.is_file():
-        raise PromptError(f"data file not found: {path}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise PromptError(f"data file {path} is not UTF-8 text: {e}") from None
+    text = _read_text(path, "data file")
     if path.suffix in (".jsonl", ".json"):
         docs = []
         for n, line in enumerate(text.splitlines(), start=1):
@@ -106,3 +96,24 @@ def read_documents(source) -> list[str]:
     if not docs:
         raise PromptError(f"data file {path} is empty")
     return docs
+
+
+def encode(prompts: list[Prompt], tokenizer, max_length: int, what: str = "prompt") -> tuple[list[list[int]], int]:
+    """Token ids of each prompt (rendered, truncated to `max_length`) and the id to pad with."""
+    encoded = []
+    for i, p in enumerate(prompts):
+        ids = tokenizer(render(p, tokenizer), truncation=True, max_length=max_length)["input_ids"]
+        if not ids:
+            raise PromptError(f"{what} {i} is empty after tokenisation")
+        encoded.append(ids)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return encoded, pad
+
+
+def _read_text(path: Path, what: str) -> str:
+    if not path.is_file():
+        raise PromptError(f"{what} not found: {path}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PromptError(f"{what} {path} is not UTF-8 text: {e}") from None

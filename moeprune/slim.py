@@ -133,6 +133,39 @@ def expert_reads(reader: CheckpointReader, adapter: MoEAdapter, layer: int,
     return out, jobs
 
 
+def backbone_reads(model: nn.Module, reader: CheckpointReader, adapter: MoEAdapter,
+                   skip: set[str]) -> tuple[dict[str, torch.Tensor], list[Job]]:
+    """Buffers for every tensor of `model` not in `skip` (nor tied), and the reads that fill them."""
+    buffers: dict[str, torch.Tensor] = {}
+    jobs: list[Job] = []
+    tied = _tied_names(model)
+    for name, _ in list(model.named_parameters()) + list(model.named_buffers()):
+        if name in skip or name in tied:
+            continue
+        key = checkpoint_name(reader, name, adapter)
+        if key is None:
+            if _is_meta(model, name):
+                raise MoepruneError(f"checkpoint {reader.folder} lacks tensor {name}")
+            continue  # a buffer computed at construction (rotary tables) and not stored
+        buf = torch.empty(reader.shape(key), dtype=reader.dtype(key))
+        buffers[name] = buf
+        jobs.append(lambda key=key, buf=buf: reader.get(key, out=buf))
+    return buffers, jobs
+
+
+def model_folder(model_path: str | os.PathLike) -> str:
+    """A local checkpoint folder for a folder path or a hub id (downloaded where the hub is reachable)."""
+    path = check_model_path(model_path)
+    if os.path.isdir(path):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+    except Exception as e:
+        raise MoepruneError(f"model folder not found and hub download failed for {model_path}: {e}") from None
+
+
 def run_reads(jobs: list[Job], threads: int) -> None:
     """Run reads on a few threads: pread releases the GIL, so one core's worth of copying overlaps I/O."""
     if threads <= 1 or len(jobs) < 2:
@@ -183,14 +216,7 @@ def load_slim(
 
     if not isinstance(pattern, Pattern):
         pattern = Pattern.load(pattern)
-    path = check_model_path(model_path)
-    if not os.path.isdir(path):
-        from huggingface_hub import snapshot_download
-
-        try:
-            path = snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
-        except Exception as e:
-            raise MoepruneError(f"model folder not found and hub download failed for {model_path}: {e}") from None
+    path = model_folder(model_path)
     config = load_config(path)
     adapter = get_adapter(config)
     layers = adapter.moe_layers(config)
@@ -217,18 +243,9 @@ def load_slim(
             out, layer_jobs = expert_reads(reader, adapter, layer, pattern.kept[layer])
             buffers.update(out)
             jobs += layer_jobs
-        tied = _tied_names(model)
-        for name, _ in list(model.named_parameters()) + list(model.named_buffers()):
-            if name in buffers or name in routers or name in tied:
-                continue
-            key = checkpoint_name(reader, name, adapter)
-            if key is None:
-                if _is_meta(model, name):
-                    raise MoepruneError(f"checkpoint {path} lacks tensor {name}")
-                continue  # a buffer computed at construction (rotary tables) and not stored
-            buf = torch.empty(reader.shape(key), dtype=reader.dtype(key))
-            buffers[name] = buf
-            jobs.append(lambda key=key, buf=buf: reader.get(key, out=buf))
+        backbone, backbone_jobs = backbone_reads(model, reader, adapter, set(buffers) | set(routers))
+        buffers.update(backbone)
+        jobs += backbone_jobs
         run_reads(jobs, threads)
         for layer in layers:
             index = torch.as_tensor(pattern.kept[layer], dtype=torch.long)

@@ -37,22 +37,20 @@ from pathlib import Path
 import torch
 
 from ..errors import MoepruneError
-from ..models import check_model_path, parse_dtype
+from ..models import parse_dtype
 from ..pattern import Pattern
 from ..reader import CheckpointReader
 from ..routers import get_adapter
 from ..slim import (
-    Job,
     _cast,
     _checkpoint_dtype,
-    _is_meta,
     _set_tensor,
-    _tied_names,
+    backbone_reads,
     check_pattern,
     checkpoint_fingerprint,
-    checkpoint_name,
     expert_reads,
     load_config,
+    model_folder,
     read_routers,
     run_reads,
 )
@@ -77,18 +75,6 @@ def resolve_budget(budget: int | float, n_experts: int, top_k: int) -> int:
         raise MoepruneError(f"an expert budget of {slots} slots per layer is below top-k = {top_k}: "
                             f"every token is routed to {top_k} experts")
     return slots
-
-
-def _model_folder(model_path: str | os.PathLike) -> str:
-    path = check_model_path(model_path)
-    if os.path.isdir(path):
-        return path
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
-    except Exception as e:
-        raise MoepruneError(f"model folder not found and hub download failed for {model_path}: {e}") from None
 
 
 def _load_tokenizer(path: str):
@@ -185,7 +171,7 @@ class ExpertPool:
         from accelerate import init_empty_weights
         from transformers import AutoModelForCausalLM
 
-        path = _model_folder(model_path)
+        path = model_folder(model_path)
         config = load_config(path)
         adapter = get_adapter(config)
         self.path = path
@@ -258,20 +244,7 @@ class ExpertPool:
     def _load_backbone(self, model, reader: CheckpointReader, routers: dict[str, torch.Tensor],
                        expert_names: set[str]) -> int:
         """Read every tensor except the routed experts (routers: already read, kept whole)."""
-        buffers: dict[str, torch.Tensor] = {}
-        jobs: list[Job] = []
-        tied = _tied_names(model)
-        for name, _ in list(model.named_parameters()) + list(model.named_buffers()):
-            if name in expert_names or name in routers or name in tied:
-                continue
-            key = checkpoint_name(reader, name, self.adapter)
-            if key is None:
-                if _is_meta(model, name):
-                    raise MoepruneError(f"checkpoint {reader.folder} lacks tensor {name}")
-                continue  # a buffer computed at construction (rotary tables) and not stored
-            buf = torch.empty(reader.shape(key), dtype=reader.dtype(key))
-            buffers[name] = buf
-            jobs.append(lambda key=key, buf=buf: reader.get(key, out=buf))
+        buffers, jobs = backbone_reads(model, reader, self.adapter, expert_names | set(routers))
         run_reads(jobs, self.threads)
         buffers.update(routers)
         for name in list(buffers):

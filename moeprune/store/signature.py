@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import MoepruneError
-from ..prompts import Prompt, render
+from ..prompts import Prompt, encode
 from ..routers import get_adapter
 
 KINDS = ("router", "hidden")
@@ -51,13 +51,7 @@ def embed(model: nn.Module, tokenizer, texts: list[Prompt], kind: str = "router"
     _, block = adapter.blocks(model)[0]
     router = adapter.router(block)
     device = next(model.parameters()).device
-    encoded = []
-    for i, t in enumerate(texts):
-        ids = tokenizer(render(t, tokenizer), truncation=True, max_length=max_length)["input_ids"]
-        if not ids:
-            raise MoepruneError(f"query {i} is empty")
-        encoded.append(ids)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    encoded, pad = encode(texts, tokenizer, max_length, what="query")
     captured: dict[str, torch.Tensor] = {}
 
     owner = threading.get_ident()
