@@ -218,12 +218,19 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and the usage is one `--help` away)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .version import __version__
 
-    parser = argparse.ArgumentParser(prog="moeprune", description="Keep only the experts a task needs.")
+    parser = _Parser(prog="moeprune", description="Keep only the experts a task needs.")
     parser.add_argument("--version", action="version", version=f"moeprune {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("profile", help="profile a domain from a handful of prompts")
     p.add_argument("model", help="checkpoint folder (or hub id)")
@@ -302,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bench_criteria)
 
     p = sub.add_parser("store", help="the pattern store: add, list, show, remove, info, rebuild, search")
-    ss = p.add_subparsers(dest="store_command", required=True)
+    ss = p.add_subparsers(dest="store_command", required=True, parser_class=_Parser)
     q = ss.add_parser("add", help="select a pattern from a profile and store it")
     q.add_argument("store")
     q.add_argument("--profile", required=True)
@@ -358,6 +365,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("moeprune: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # an unexpected failure: one line, the traceback on request
+        if os.environ.get("MOEPRUNE_DEBUG"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        print(f"moeprune: error: {type(e).__name__}: {first} (set MOEPRUNE_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
