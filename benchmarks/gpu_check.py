@@ -65,8 +65,35 @@ def main() -> int:
                 print(f"{model_type:<12} {str(dtype):<15} profile |diff| {d_prof:.2e}  slim vs mask |diff| {d_slim:.2e}"
                       f"  greedy equal {torch.equal(g_full, g_slim)}  plain {plain.abs().mean().item():.3f}"
                       f"  {'OK' if ok else 'FAIL'}", flush=True)
+    failures += pool_check(tok)
     print("ALL OK" if not failures else f"{failures} FAILED")
     return int(failures > 0)
+
+
+def pool_check(tok) -> int:
+    """The serving ExpertPool on CUDA: switching patterns gives load_slim's logits."""
+    from moeprune.serve import ExpertPool
+
+    failures = 0
+    for model_type in ("qwen3_moe", "deepseek_v3", "gpt_oss"):
+        with tempfile.TemporaryDirectory() as tmp:
+            full = save_tiny(model_type, tmp)
+            prof = moeprune.profile(full, PROMPTS, tokenizer=tok)
+            a, b = prof.select(keep=0.5, criterion="easy_ep"), prof.select(keep=0.5, criterion="random", seed=1)
+            ids = torch.randint(4, 100, (2, 20), generator=torch.Generator().manual_seed(0)).to("cuda")
+            with ExpertPool(tmp, 0.75, device="cuda") as pool:
+                for pattern in (a, b, a):
+                    with pool.serve(pattern) as lease, torch.no_grad():
+                        got = pool.model(ids).logits.float()
+                    slim = moeprune.load_slim(tmp, pattern, device="cuda")
+                    with torch.no_grad():
+                        want = slim(ids).logits.float()
+                    d = (got - want).abs().max().item()
+                    ok = d <= 1e-4
+                    failures += not ok
+                    print(f"pool {model_type:<12} cuda  |diff| vs load_slim {d:.2e}  read {lease.bytes_read} B  "
+                          f"{'OK' if ok else 'FAIL'}", flush=True)
+    return failures
 
 
 if __name__ == "__main__":
