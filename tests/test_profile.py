@@ -212,3 +212,14 @@ def test_newer_format_is_refused(tmp_path, tok):
         Profile.load(tmp_path / "p")
     with pytest.raises(MoepruneError, match="not found"):
         Profile.load(tmp_path / "missing")
+
+
+def test_chat_template_is_applied(tmp_path):
+    tok = char_tokenizer()
+    tok.chat_template = "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}"
+    model = tiny_model("qwen3_moe")
+    messages = [{"role": "user", "content": "hi there"}]
+    f = tmp_path / "chat.jsonl"
+    f.write_text(json.dumps({"messages": messages}) + "\n")
+    prof = moeprune.profile(model, f, tokenizer=tok)
+    assert prof.n_tokens == len(tok("[user]hi there")["input_ids"])
