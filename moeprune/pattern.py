@@ -56,6 +56,8 @@ class Pattern:
 
     @property
     def num_experts(self) -> int:
+        if "num_experts" not in self.meta:
+            raise MoepruneError("this pattern does not record its model's expert count (meta['num_experts'])")
         return int(self.meta["num_experts"])
 
     @property
@@ -128,6 +130,8 @@ class Pattern:
             kept = {int(k): [int(e) for e in v] for k, v in data["kept"].items()}
         except (TypeError, ValueError, AttributeError):
             raise MoepruneError(f"{source}: 'kept' must map layer ids to lists of expert ids") from None
+        if not kept or any(not ids for ids in kept.values()):
+            raise MoepruneError(f"{source}: every MoE layer must keep at least one expert")
         meta = {k: v for k, v in data.items() if k not in ("kept", "format")}
         return cls(kept, meta)
 

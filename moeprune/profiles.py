@@ -159,6 +159,10 @@ class Profile:
                 f"profile {path} has format version {version}, newer than this moeprune "
                 f"({__version__}) reads (<= {PROFILE_FORMAT}); upgrade moeprune"
             )
+        missing_meta = [k for k in ("moe_layers", "num_experts", "top_k", "fingerprint", "n_tokens", "n_prompts")
+                        if k not in meta]
+        if missing_meta:
+            raise MoepruneError(f"{path / 'profile.json'} lacks {', '.join(missing_meta)}: not a complete profile")
         tensor_file = path / "profile.safetensors"
         if not tensor_file.is_file():
             raise MoepruneError(f"profile statistics missing: {tensor_file}")
