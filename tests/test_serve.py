@@ -282,3 +282,24 @@ def test_stop_and_seed(client):
     a = client.completions.create(temperature=1.0, seed=7, **kw).choices[0].text
     b = client.completions.create(temperature=1.0, seed=7, **kw).choices[0].text
     assert a == b
+
+
+def test_concurrent_streams_each_get_their_own_tokens(client):
+    prompts = ["import os\n", "class Foo:\n"]  # the module's server queues at most 2
+    alone = [client.completions.create(model="demo_model:python", prompt=p, max_tokens=10, temperature=0)
+             .choices[0].text for p in prompts]
+    results = {}
+
+    def stream(i):
+        parts = list(client.completions.create(model="demo_model:python", prompt=prompts[i], max_tokens=10,
+                                               temperature=0, stream=True))
+        results[i] = ("".join(c.choices[0].text for c in parts), parts[-1].choices[0].finish_reason)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [0, 1] and all(r[1] in ("stop", "length") for r in results.values())
+    # rows of a shared batch never mix: each stream continues its own prompt like its lone run
+    assert all(results[i][0][:8] == alone[i][:8] for i in range(2)), (results, alone)

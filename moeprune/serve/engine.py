@@ -2,9 +2,9 @@
 
 Requests that share a pattern and generation settings are batched into one `generate` call;
 each batch runs inside `ExpertPool.serve(pattern)`, so only that pattern's experts can be chosen
-and the pool loads only the experts it lacks. Streaming requests run alone and push tokens to
-their client as they come; a client that goes away sets `cancelled` and generation stops at
-the next token.
+and the pool loads only the experts it lacks. Streaming requests push their row's tokens to
+their client as they come; a client that goes away sets `cancelled` and its row stops at the
+next token.
 """
 
 from __future__ import annotations
@@ -60,16 +60,20 @@ class _Cancelled(StoppingCriteria):
 
 
 class _Streamer:
-    """transformers' streamer protocol: the first put() is the prompt, later ones new token ids."""
+    """transformers' streamer protocol: the first put() is the prompts, later ones one new token per row;
+    each streaming request of the batch gets its row's tokens."""
 
-    def __init__(self, job: Job):
-        self.job, self.first = job, True
+    def __init__(self, jobs: list[Job]):
+        self.jobs, self.first = jobs, True
 
     def put(self, value: torch.Tensor) -> None:
         if self.first:
             self.first = False
             return
-        self.job.emit("token", value.reshape(-1).tolist())
+        tokens = value.reshape(len(self.jobs), -1).tolist()
+        for job, row in zip(self.jobs, tokens, strict=True):
+            if job.stream and not job.cancelled.is_set():
+                job.emit("token", row)
 
     def end(self) -> None:
         pass
@@ -148,13 +152,12 @@ class Engine:
             time.sleep(0.0005)
         first = self._pending.pop(0)
         batch = [first]
-        if not first.stream:
-            for job in list(self._pending):
-                if len(batch) >= self.max_batch:
-                    break
-                if not job.stream and job.key() == first.key():
-                    batch.append(job)
-                    self._pending.remove(job)
+        for job in list(self._pending):
+            if len(batch) >= self.max_batch:
+                break
+            if job.key() == first.key():
+                batch.append(job)
+                self._pending.remove(job)
         return batch
 
     def _run(self) -> None:
@@ -188,8 +191,8 @@ class Engine:
             kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
         if job0.stop:
             kwargs.update(stop_strings=list(job0.stop), tokenizer=self.tokenizer)
-        if job0.stream:
-            kwargs["streamer"] = _Streamer(job0)
+        if any(j.stream for j in batch):
+            kwargs["streamer"] = _Streamer(batch)
         if job0.seed is not None:
             torch.manual_seed(job0.seed)
         with self.pool.serve(job0.pattern), torch.no_grad():
