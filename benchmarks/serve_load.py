@@ -182,10 +182,17 @@ def main() -> None:
         # 2. batching: one client against eight, same pinned pattern
         same = [{"model": "demo_model:python", "prompt": p, "max_tokens": args.max_tokens, "temperature": 0}
                 for p in texts["python"][:16]]
-        _, t1, f1, w1 = run_clients(srv.url, same[:8], 1)
-        _, t8, f8, w8 = run_clients(srv.url, same, 8)
-        print(f"same pattern: 1 client {t1 / w1:.1f} tokens/s; 8 clients {t8 / w8:.1f} tokens/s "
-              f"({t8 / w8 / (t1 / w1):.2f}x; failed {f1 + f8})")
+        ratios, one, eight, failed = [], [], [], 0
+        for _ in range(3):  # interleaved rounds: the ratio of each round, then the median
+            _, t1, f1, w1 = run_clients(srv.url, same[:8], 1)
+            _, t8, f8, w8 = run_clients(srv.url, same, 8)
+            one.append(t1 / w1)
+            eight.append(t8 / w8)
+            ratios.append(eight[-1] / one[-1])
+            failed += f1 + f8
+        print(f"same pattern, 3 rounds: 1 client {', '.join(f'{x:.0f}' for x in one)} tokens/s; 8 clients "
+              f"{', '.join(f'{x:.0f}' for x in eight)} tokens/s; ratios {', '.join(f'{r:.2f}' for r in ratios)}x, "
+              f"median {statistics.median(ratios):.2f}x (failed {failed})")
 
         # 3. pattern switch cost
         def timed(model: str) -> tuple[float, float]:

@@ -99,6 +99,7 @@ class Engine:
         self._accepting = True
         self._busy = 0
         self._stop = threading.Event()
+        self.batch_sizes: list[int] = []  # recent batch sizes, for /metrics
         self._thread = threading.Thread(target=self._run, name="moeprune-generate", daemon=True)
         self._thread.start()
         pad = tokenizer.pad_token_id
@@ -169,6 +170,7 @@ class Engine:
             if not batch:
                 continue
             self._busy = len(batch)
+            self.batch_sizes = (self.batch_sizes + [len(batch)])[-1000:]
             try:
                 self._generate(batch)
             except Exception as e:  # report to every client of the batch; keep serving

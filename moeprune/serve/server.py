@@ -63,6 +63,7 @@ def _metrics():
         "resident": Gauge("moeprune_resident_experts", "Experts resident in the pool", registry=reg),
         "queue": Gauge("moeprune_queue_depth", "Requests waiting or running", registry=reg),
         "latency": Histogram("moeprune_request_latency_seconds", "Request latency", ["endpoint"], registry=reg),
+        "batch": Gauge("moeprune_mean_batch_size", "Mean requests per generate call (last 1000)", registry=reg),
     }
 
 
@@ -119,6 +120,8 @@ def create_app(pool: ExpertPool, store, config: ServeConfig):
         metrics["bytes"].set(s["bytes_read"])
         metrics["resident"].set(sum(s["resident"].values()))
         metrics["queue"].set(engine.depth)
+        sizes = engine.batch_sizes
+        metrics["batch"].set(sum(sizes) / len(sizes) if sizes else 0)
         return PlainTextResponse(generate_latest(metrics["registry"]).decode(),
                                  media_type="text/plain; version=0.0.4")
 
