@@ -264,7 +264,10 @@ def test_ctrl_c_drains_in_flight_requests(server):
 
     t = threading.Thread(target=call)
     t.start()
-    time.sleep(0.3)  # the request is in flight
+    for _ in range(200):  # wait until the request is in flight
+        if httpx.get(f"{url}/health").json()["queue"] > 0:
+            break
+        time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     t.join(timeout=120)
     assert proc.wait(timeout=60) == 0
