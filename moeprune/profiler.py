@@ -77,7 +77,9 @@ class _Recorder:
         # Reduce the big [T, K, H] and [T, H] tensors first; select real tokens on the small results.
         norms = torch.linalg.vector_norm(per_pick, dim=-1, dtype=torch.float32)  # ||E_i(h_t)|| per pick
         h = self.residual.pop(pos)
-        contribution = (1 - torch.cosine_similarity(h, h + routed, dim=-1).float()).clamp(min=0)
+        # in float32: for a bf16 model, 1 - cos of nearly parallel vectors would round to 0
+        h32 = h.float()
+        contribution = (1 - torch.cosine_similarity(h32, h32 + routed.float(), dim=-1)).clamp(min=0)
         v = self.valid
         picks = indices[v]
         flat = picks.reshape(-1)
