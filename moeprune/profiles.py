@@ -8,6 +8,7 @@ adding them. On disk a profile is one folder: `profile.json` (metadata) and
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,6 +196,4 @@ def _now() -> str:
 
 
 def _json(obj) -> str:
-    import json
-
     return json.dumps(obj, indent=2) + "\n"

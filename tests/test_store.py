@@ -53,8 +53,10 @@ def test_add_get_list_remove(store, tmp_path):
     assert store.profile("code").signatures.shape == (12, DIM)
     info = store.info()
     assert info["patterns"] == 3 and info["vectors"] == 36 and info["index"] == "flat"
+    assert store.find("code").kept == entry.pattern.kept and store.find("nope") is None
+    assert store.find("../code") is None
     store.remove("bible")
-    assert store.names() == ["code", "legal"]
+    assert store.names() == ["code", "legal"] and store.find("bible") is None
     assert PatternStore(tmp_path / "store").info()["vectors"] == 24
     with pytest.raises(MoepruneError, match="no pattern named 'bible'"):
         store.get("bible")

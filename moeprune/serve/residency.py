@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from ..errors import MoepruneError
-from ..models import parse_dtype
+from ..models import load_tokenizer, parse_dtype
 from ..pattern import Pattern
 from ..reader import CheckpointReader
 from ..routers import get_adapter
@@ -78,14 +78,10 @@ def resolve_budget(budget: int | float, n_experts: int, top_k: int) -> int:
 
 
 def _load_tokenizer(path: str):
+    """The folder's tokenizer, or None when it has none (a pool can serve without one)."""
     if not any((Path(path) / name).is_file() for name in _TOKENIZER_FILES):
         return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception as e:
-        raise MoepruneError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
+    return load_tokenizer(path)
 
 
 def _as_pattern(pattern: Pattern | str | os.PathLike) -> Pattern:

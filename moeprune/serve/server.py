@@ -142,15 +142,16 @@ def create_app(pool: ExpertPool, store, config: ServeConfig):
                 full = Pattern({layer: list(range(pool.num_experts)) for layer in pool.layers},
                                {"num_experts": pool.num_experts, "fingerprint": pool.fingerprint})
                 return full, "full", False, {"reason": "requested"}
-            if name not in store.names():
+            pinned = store.find(name)
+            if pinned is None:
                 raise APIError(404, f"no stored pattern {name!r}; see GET /v1/models", code="model_not_found",
                                param="model")
-            return store.get(name).pattern, name, False, {"reason": "pinned"}
+            return pinned, name, False, {"reason": "pinned"}
         match = store.search(query, pool.model, tok, expert_budget=pool.budget)
         pattern, name = match.pattern, match.name or ("union" if match.fell_back else "?")
         if max(pattern.counts.values()) > pool.budget:  # all experts do not fit: serve the nearest pattern
             name = max(match.votes, key=match.votes.get)
-            pattern = store.get(name).pattern
+            pattern = store.find(name) or store.get(name).pattern  # get() names a vanished entry
             reason = match.reason + f"; all experts exceed the budget of {pool.budget}, serving {name}"
         else:
             reason = match.reason

@@ -104,6 +104,7 @@ class PatternStore:
         self._index_meta: dict | None = None
         self._seen: tuple | None = None  # cheap fingerprint of the entries folder when the index was loaded
         self._patterns: dict[str, Pattern] = {}
+        self._patterns_seen: tuple | None = None  # entries-folder stamp the pattern cache belongs to
         if self.path.exists() and not self.path.is_dir():
             raise MoepruneError(f"{self.path} is a file, not a pattern store folder")
 
@@ -328,29 +329,37 @@ class PatternStore:
         return np.concatenate(vecs).astype(np.float32), names, counts
 
     def _rebuild_locked(self) -> dict:
-        checksum = self._checksum()
+        checksum = self._checksum()  # before reading the vectors: a later change makes the index stale
+        index, meta = self._build()
+        tmp = self.path / ".index.faiss.tmp"
+        faiss.write_index(index, str(tmp))
+        data = tmp.read_bytes()
+        tmp.unlink()
+        atomic_write_bytes(self.path / "index.faiss", data)
+        meta = {"format_version": STORE_FORMAT, "checksum": checksum,
+                "faiss_sha256": hashlib.sha256(data).hexdigest(), **meta, "built": _now()}
+        atomic_write_json(self.path / "index.json", meta)
+        self._use(index, meta, "fresh")
+        return meta
+
+    def _build(self) -> tuple:
+        """A FAISS index of the entries' centred, normalised signatures, and its metadata (in memory)."""
         raw, names, counts = self._vectors()
         mean = raw.mean(0) if len(raw) else np.zeros(raw.shape[1], dtype=np.float32)
         vecs = _normalise(raw - mean)
         index = _make_index(vecs.shape[1], len(vecs))
         if len(vecs):
             index.add(vecs)
-        thresholds = _auto_thresholds(vecs, counts, names)
-        tmp = self.path / ".index.faiss.tmp"
-        faiss.write_index(index, str(tmp))
-        data = tmp.read_bytes()
-        tmp.unlink()
-        atomic_write_bytes(self.path / "index.faiss", data)
-        meta = {"format_version": STORE_FORMAT, "checksum": checksum, "faiss_sha256": hashlib.sha256(data).hexdigest(),
-                "kind": "flat" if len(vecs) <= FLAT_LIMIT else "hnsw", "n_vectors": int(len(vecs)),
+        meta = {"kind": "flat" if len(vecs) <= FLAT_LIMIT else "hnsw", "n_vectors": int(len(vecs)),
                 "dim": int(vecs.shape[1]), "names": names, "counts": counts, "mean": mean.tolist(),
-                "thresholds": thresholds, "built": _now()}
-        atomic_write_json(self.path / "index.json", meta)
+                "thresholds": _auto_thresholds(vecs, counts, names)}
+        return index, meta
+
+    def _use(self, index, meta: dict, status: str) -> None:
         self._index, self._index_meta = index, meta
-        self._seen = self._entries_stamp()
+        self._seen = self._patterns_seen = self._entries_stamp()
         self._patterns = {}
-        self.index_status = "fresh"
-        return meta
+        self.index_status = status
 
     def _entries_stamp(self) -> tuple:
         """Changes whenever an entry is added, replaced or removed (renames touch the folder)."""
@@ -365,6 +374,17 @@ class PatternStore:
             self._patterns[name] = self.get(name).pattern
         return self._patterns[name]
 
+    def find(self, name: str) -> Pattern | None:
+        """The pattern stored under `name` (cached until the entries change), or None if there is none."""
+        if not isinstance(name, str) or not _NAME.match(name):
+            return None
+        stamp = self._entries_stamp()
+        if self._patterns_seen != stamp:
+            self._patterns, self._patterns_seen = {}, stamp
+        if name not in self._patterns and not (self.entries_dir / f"{name}.json").is_file():
+            return None
+        return self._pattern(name)
+
     def _load_index(self) -> None:
         """Load the index; a missing, corrupt or stale one is rebuilt (or reported if that is off)."""
         self.manifest  # noqa: B018 - validates the manifest and its version
@@ -377,11 +397,7 @@ class PatternStore:
             elif meta.get("faiss_sha256") != hashlib.sha256(data).hexdigest():
                 problem = "index.faiss does not match its checksum (corrupt)"
             else:
-                self._index = faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
-                self._index_meta = meta
-                self._seen = self._entries_stamp()
-                self._patterns = {}
-                self.index_status = "ok"
+                self._use(faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8)), meta, "ok")
                 return
         except FileNotFoundError:
             problem = "it is missing"
@@ -393,16 +409,7 @@ class PatternStore:
         try:
             self.rebuild_index()
         except OSError:  # a read-only store: rebuild in memory only
-            raw, names, counts = self._vectors()
-            mean = raw.mean(0)
-            vecs = _normalise(raw - mean)
-            self._index = _make_index(vecs.shape[1], len(vecs))
-            self._index.add(vecs)
-            self._index_meta = {"names": names, "counts": counts, "mean": mean.tolist(), "n_vectors": len(vecs),
-                                "kind": "flat" if len(vecs) <= FLAT_LIMIT else "hnsw",
-                                "thresholds": _auto_thresholds(vecs, counts, names)}
-            self._seen = self._entries_stamp()
-            self._patterns = {}
+            self._use(*self._build(), "")
         self.index_status = f"rebuilt: {problem}"
 
     def info(self) -> dict:
