@@ -3,17 +3,26 @@
 For each of the seven domains: profile its 64 calibration demonstrations (and 8 and 16), select
 at 50% and 25% of experts kept with uniform and global strategies for frequency, TCESS, EASY-EP
 and REAP, plus random (3 seeds) and a cross-domain baseline, and measure perplexity on the
-domain's eval text. Writes criteria.md, criteria.json, criteria_ratio.png, pattern_overlap.png.
+domain's eval text. Writes criteria.md, criteria.json, criteria_ratio.png, pattern_overlap.png
+into the results folder (or `-o`), and the run's log beside them (`--no-record` for a smoke run).
 
-    python benchmarks/criteria.py [-o benchmarks/results] [--model DIR] [--corpora ../shared/corpora]
+    python benchmarks/criteria.py [--results DIR] [-o DIR] [--quick] [--model DIR] [--corpora ../shared/corpora]
 """
 
+import argparse
 import sys
 
 from moeprune.cli import main
 
+from _record import add_record_args, record, results_dir
+
 if __name__ == "__main__":
-    args = sys.argv[1:]
+    ap = argparse.ArgumentParser(add_help=False)  # only ours; everything else goes to bench-criteria
+    add_record_args(ap)
+    ours, args = ap.parse_known_args()
     if "-o" not in args and "--output" not in args:
-        args += ["-o", "benchmarks/results"]
-    sys.exit(main(["bench-criteria", *args]))
+        # A --quick run must not overwrite the full run's tables and plots.
+        args += ["-o", str(results_dir(ours.results) / ("criteria-quick" if "--quick" in args else ""))]
+    asks_help = "-h" in args or "--help" in args
+    with record("criteria", ours.results, ours.record and not asks_help):
+        sys.exit(main(["bench-criteria", *args]))

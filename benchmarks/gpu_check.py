@@ -2,13 +2,15 @@
 
 For every supported family (tiny random models from tests/tiny.py) in float32 and bfloat16 on CUDA:
 profiling leaves the logits unchanged, the keep-mask equals the slim model loaded with
-`load_slim(..., device="cuda")`, and greedy generation agrees. Prints one line per case.
+`load_slim(..., device="cuda")`, and greedy generation agrees. Prints one line per case; the log goes
+to benchmarks/results/ (`--no-record` to skip it). Without CUDA it refuses in one line (exit 2).
 
-    python benchmarks/gpu_check.py
+    python benchmarks/gpu_check.py [--results DIR] [--no-record]
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 import tempfile
 from pathlib import Path
@@ -23,13 +25,24 @@ import moeprune  # noqa: E402
 from moeprune.hooks import keep_mask  # noqa: E402
 from moeprune.models import load_model  # noqa: E402
 
+from _record import add_record_args, record  # noqa: E402
+
 PROMPTS = ["def f(x):\n    return x * 2", "And God said, Let there be light", "#include <stdlib.h>"]
 
 
 def main() -> int:
-    if not torch.cuda.is_available():
-        print("no CUDA device")
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_record_args(ap)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():  # refused before recording: a log of nothing run is no record
+        print(f"gpu_check: no CUDA device (torch {torch.__version__}, CUDA build {torch.version.cuda}); nothing run",
+              file=sys.stderr)
         return 2
+    with record("gpu_check", args.results, args.record):
+        sys.exit(run())  # inside the recording, so that the log's footer shows a failing status
+
+
+def run() -> int:
     dev = "cuda"
     tok = char_tokenizer()
     failures = 0

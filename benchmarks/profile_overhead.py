@@ -1,8 +1,9 @@
 """Cost of profiling: a plain forward against a `moeprune.profile` call on the same batch.
 
 Model: Qwen3-MoE layout, hidden 256, 4 layers, 16 experts, top-2, random weights (float32, CPU).
-Batch: 4 prompts x 256 tokens. The two are timed interleaved, median of N runs each.
-Run: python benchmarks/profile_overhead.py [--runs 15]
+Batch: 4 prompts x 256 tokens. The two are timed interleaved, N runs each; the ratio of each
+back-to-back pair is reported as median and range. The log goes to benchmarks/results/.
+Run: python benchmarks/profile_overhead.py [--runs 31] [--clock cpu] [--no-record]
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 import moeprune
 
+from _record import add_record_args, record
+
 
 class FixedTokenizer:
     """Maps each prompt 'p<i>' to a fixed random sequence of 256 ids (no tokenisation cost)."""
@@ -25,7 +28,7 @@ class FixedTokenizer:
     def __init__(self, seqs):
         self.seqs = seqs
 
-    def __call__(self, text, truncation=True, max_length=None):
+    def __call__(self, text, **kwargs):  # whatever options moeprune passes (truncation, verbose, ...)
         return {"input_ids": self.seqs[int(text[1:])]}
 
 
@@ -35,7 +38,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="wall time, or process CPU time (steadier on a shared VM: excludes stolen time)")
+    add_record_args(ap)
     args = ap.parse_args()
+    with record("profile_overhead", args.results, args.record):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     config = AutoConfig.for_model(
@@ -70,10 +79,12 @@ def main() -> None:
             times[name].append(clock() - t0)
     p, q = statistics.median(times["plain"]), statistics.median(times["profile"])
     # Each pair ran back to back, so its ratio cancels slow drifts of a shared machine.
-    pair = statistics.median(b / a for a, b in zip(times["plain"], times["profile"], strict=True))
+    pairs = sorted(b / a for a, b in zip(times["plain"], times["profile"], strict=True))
     print(f"plain forward      median {p * 1e3:8.1f} ms  (runs={args.runs}, threads={args.threads}, {args.clock} clock)")
     print(f"profiling forward  median {q * 1e3:8.1f} ms")
-    print(f"ratio of medians profile/plain: {q / p:.3f}x; median of paired ratios: {pair:.3f}x  (target <= 1.10x)")
+    print("paired ratios profile/plain: " + ", ".join(f"{r:.3f}" for r in pairs))
+    print(f"ratio of medians profile/plain: {q / p:.3f}x; paired ratios: median {statistics.median(pairs):.3f}x, "
+          f"range {pairs[0]:.3f}-{pairs[-1]:.3f}x over {len(pairs)} pairs  (target <= 1.10x)")
 
 
 if __name__ == "__main__":

@@ -5,12 +5,15 @@
    request is retrieved to its pattern. Throughput (requests/s, generated tokens/s), p50/p99
    latency, failures, and what the pool loaded.
 2. Batching: the same pinned pattern from 1 client (8 requests), then from 8 concurrent clients
-   (6 requests each, so that the steady state dominates): generated tokens/s of each, 3 rounds.
+   (6 requests each, so that the steady state dominates): generated tokens/s of each, `--rounds`
+   interleaved rounds; every round's ratio is printed, then their median and range.
 3. Pattern switch: pinned requests alternating between two patterns: bytes read and the extra
    latency of a switch, against `load_slim` of the same pattern from a cold page cache.
 4. Memory: peak RSS of the server process at a 50% expert budget and with every expert.
 
-    python benchmarks/serve_load.py [--requests 96] [--max-tokens 32]
+The log goes to benchmarks/results/ (`--no-record` for a smoke run).
+
+    python benchmarks/serve_load.py [--requests 96] [--max-tokens 32] [--rounds 5] [--memory-model DIR]
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from pathlib import Path
 import httpx2 as httpx
 
 from moeprune.demo import DEMO_DATA, DEMO_MODEL
+
+from _record import add_record_args, record
 
 DOMAINS = ("python", "legal", "bible")
 
@@ -161,7 +166,14 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--memory-model", type=Path, default=None,
                     help="also measure peak RSS on this (large) checkpoint, e.g. slim_load.py's Mixtral folder")
+    ap.add_argument("--rounds", type=int, default=5, help="interleaved rounds of the batching measurement")
+    add_record_args(ap)
     args = ap.parse_args()
+    with record("serve_load", args.results, args.record):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     texts = prompts()
     with tempfile.TemporaryDirectory() as tmp:
         store = Path(tmp) / "store"
@@ -182,17 +194,17 @@ def main() -> None:
         # 2. batching: one client against eight, same pinned pattern
         same = [{"model": "demo_model:python", "prompt": texts["python"][i % 16], "max_tokens": args.max_tokens,
                  "temperature": 0} for i in range(48)]
-        ratios, one, eight, failed = [], [], [], 0
-        for _ in range(3):  # interleaved rounds: the ratio of each round, then the median
+        ratios, failed = [], 0
+        print(f"same pattern (python, pinned), 1 client x 8 requests vs 8 clients x 6 requests, {args.rounds} rounds:")
+        for i in range(args.rounds):  # interleaved: each round's ratio compares neighbours in time
             _, t1, f1, w1 = run_clients(srv.url, same[:8], 1)
             _, t8, f8, w8 = run_clients(srv.url, same, 8)  # 6 requests per client: the steady state
-            one.append(t1 / w1)
-            eight.append(t8 / w8)
-            ratios.append(eight[-1] / one[-1])
+            ratios.append((t8 / w8) / (t1 / w1))
             failed += f1 + f8
-        print(f"same pattern, 3 rounds: 1 client {', '.join(f'{x:.0f}' for x in one)} tokens/s; 8 clients "
-              f"{', '.join(f'{x:.0f}' for x in eight)} tokens/s; ratios {', '.join(f'{r:.2f}' for r in ratios)}x, "
-              f"median {statistics.median(ratios):.2f}x (failed {failed})")
+            print(f"  round {i + 1}: 1 client {t1 / w1:.0f} tokens/s, 8 clients {t8 / w8:.0f} tokens/s: "
+                  f"{ratios[-1]:.2f}x (failed {f1 + f8})", flush=True)
+        print(f"  batching ratio 8 clients / 1 client: median {statistics.median(ratios):.2f}x, range "
+              f"{min(ratios):.2f}-{max(ratios):.2f}x over {len(ratios)} rounds (failed {failed}; target >= 2.5x)")
 
         # 3. pattern switch cost
         def timed(model: str) -> tuple[float, float]:
@@ -227,7 +239,9 @@ def main() -> None:
         reload_ms = (time.perf_counter() - t0) * 1e3
         reload_bytes = slim.moeprune_load_report.bytes_read
         print(f"pattern switch (python <-> bible, budget 50%): {sw_bytes / 2**20:.2f} MiB read, request "
-              f"{sw_ms:.0f} ms vs {st_ms:.0f} ms without a switch (+{sw_ms - st_ms:.0f} ms); reloading a slim "
+              f"{sw_ms:.0f} ms vs {st_ms:.0f} ms without a switch (+{sw_ms - st_ms:.0f} ms; medians of {len(switches)}, "
+              f"ranges {min(t for t, _ in switches) * 1e3:.0f}-{max(t for t, _ in switches) * 1e3:.0f} and "
+              f"{min(t for t, _ in stays) * 1e3:.0f}-{max(t for t, _ in stays) * 1e3:.0f} ms); reloading a slim "
               f"model instead: {reload_bytes / 2**20:.2f} MiB, {reload_ms:.0f} ms")
 
         # 4. memory against serving every expert

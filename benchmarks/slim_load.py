@@ -22,6 +22,8 @@ runs the checkpoint is read once, so a VM host's own disk cache (which the guest
 equally warm for every run; `--no-warmup` skips that. Each pattern's kept tensor bytes come from the
 safetensors headers. Cases run round-robin `--repeats` times; the table shows medians.
 
+The parent's output is logged to benchmarks/results/ (`--no-record` for a smoke run); children never record.
+
 Run: python benchmarks/slim_load.py [--quick] [--dir DIR] [--repeats 3]
 """
 
@@ -43,6 +45,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _record import add_record_args, record
 
 MIB = 2**20
 DEFAULT_DIR = "/tmp/moeprune-bench/mixtral-2g"
@@ -194,17 +198,22 @@ def prepare(folder: Path, spec: dict) -> dict:
 
 
 def make_pattern(folder: Path, k: int, path: Path) -> None:
-    """A uniform random k-of-E pattern (fixed seed) saved to `path`."""
+    """A uniform random k-of-E pattern (fixed seed) for this checkpoint, saved to `path`."""
     from transformers import AutoConfig
 
     import moeprune
+    from moeprune.reader import CheckpointReader
+    from moeprune.slim import checkpoint_fingerprint, read_routers
 
     config = AutoConfig.from_pretrained(folder)
     adapter = moeprune.get_adapter(config)
     n_exp = adapter.num_experts(config)
+    layers = adapter.moe_layers(config)
+    with CheckpointReader(folder) as reader:  # a pattern must name its model; load_slim checks it
+        fingerprint = checkpoint_fingerprint(config, read_routers(reader, adapter, layers), adapter, layers)
     rng = random.Random(SEED + k)
-    kept = {layer: sorted(rng.sample(range(n_exp), k)) for layer in adapter.moe_layers(config)}
-    meta = {"num_experts": n_exp, "fingerprint": None, "strategy": "uniform", "criterion": "random",
+    kept = {layer: sorted(rng.sample(range(n_exp), k)) for layer in layers}
+    meta = {"num_experts": n_exp, "fingerprint": fingerprint, "strategy": "uniform", "criterion": "random",
             "keep": k, "domains": []}
     moeprune.Pattern(kept, meta).save(path)
 
@@ -388,6 +397,7 @@ def main() -> None:
     ap.add_argument("--child", choices=["prep", "full", "slim", "export"], help=argparse.SUPPRESS)
     ap.add_argument("--pattern", help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    add_record_args(ap)
     args = ap.parse_args()
     spec = dict(QUICK_CONFIG if args.quick else FULL_CONFIG)
     default_dir = QUICK_DIR if args.quick else DEFAULT_DIR
@@ -403,7 +413,12 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, str(folder), args.pattern, args.out, shard)))
         return
+    with record("slim_load", args.results, args.record):
+        parent(args, folder, shard)
 
+
+def parent(args: argparse.Namespace, folder: Path, shard: str) -> None:
+    """Prepare the checkpoint (in a child), run every case round-robin, print the report."""
     # The parent stays free of torch: a child's ru_maxrss starts from its parent's RSS high-water mark
     # (the kernel keeps the pre-exec mm's peak), so a heavy parent would inflate every child's peak.
     cmd = [sys.executable, __file__, "--child", "prep", "--dir", str(folder)] + (["--quick"] if args.quick else [])

@@ -7,9 +7,13 @@
    pattern lookup), p50 and p99 over 2000 queries, and the top-1 agreement of HNSW with flat.
 2. Signature cost: on the bundled demo model, the time to embed a batch of queries (first 512
    characters of eval documents; the forward stops at the first MoE router) over the time of one
-   full forward of the same batch, median of 15 interleaved runs.
+   full forward of the same batch, 15 interleaved runs: ratio of the medians, and the median and
+   range of the paired (back-to-back) ratios.
 
-    python benchmarks/store_search.py [--sizes 1000 10000 100000] [--corpora ../shared/corpora]
+The log goes to benchmarks/results/ (`--no-record` for a smoke run).
+
+    python benchmarks/store_search.py [--sizes 1000 10000 100000] [--queries 2000] [--signature-runs 15]
+        [--corpora ../shared/corpora]
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ import torch
 import moeprune.store.store as store_mod
 from moeprune.profiles import STATS, Profile
 from moeprune.store import PatternStore
+
+from _record import add_record_args, record
 
 PER_PATTERN = 100
 
@@ -67,7 +73,8 @@ def latency(store: PatternStore, centres: np.ndarray, n: int = 2000) -> tuple[fl
     return times[len(times) // 2] * 1e3, times[int(len(times) * 0.99)] * 1e3, names
 
 
-def signature_cost(corpora: Path, runs: int = 15) -> tuple[float, float, float]:
+def signature_cost(corpora: Path, runs: int = 15) -> tuple[float, float, float, list[float]]:
+    """(full forward ms, signature ms, ratio of medians, sorted paired ratios)."""
     import json
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -97,7 +104,7 @@ def signature_cost(corpora: Path, runs: int = 15) -> tuple[float, float, float]:
             f()
             acc.append(time.perf_counter() - t0)
     a, b = statistics.median(tf), statistics.median(ts)
-    return a * 1e3, b * 1e3, b / a
+    return a * 1e3, b * 1e3, b / a, sorted(y / x for x, y in zip(tf, ts, strict=True))
 
 
 def main() -> None:
@@ -105,7 +112,15 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="*", default=[1000, 10000, 100000])
     ap.add_argument("--corpora", default=str(Path(__file__).resolve().parents[2] / "shared" / "corpora"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--queries", type=int, default=2000, help="timed searches per store")
+    ap.add_argument("--signature-runs", type=int, default=15, help="interleaved runs of the signature cost")
+    add_record_args(ap)
     args = ap.parse_args()
+    with record("store_search", args.results, args.record):
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     import faiss
 
@@ -125,7 +140,7 @@ def main() -> None:
             for approx in (False, True):
                 with tempfile.TemporaryDirectory() as tmp:
                     store, centres = build_store(Path(tmp) / "s", n, dim, approx)
-                    results[approx] = latency(store, centres)
+                    results[approx] = latency(store, centres, args.queries)
             agree = np.mean([a == b for a, b in zip(results[False][2], results[True][2], strict=True)])
             for approx in (False, True):
                 p50, p99, _ = results[approx]
@@ -134,9 +149,10 @@ def main() -> None:
                       f"{'-' if not approx else f'{agree:.1%}'} |", flush=True)
     corpora = Path(args.corpora)
     if (corpora / "python" / "eval.jsonl").is_file() and (DEMO_MODEL / "config.json").is_file():
-        full_ms, sig_ms, ratio = signature_cost(corpora)
+        full_ms, sig_ms, ratio, pairs = signature_cost(corpora, args.signature_runs)
         print(f"\nsignature of 8 queries (<=512 chars): {sig_ms:.1f} ms; full forward of the same batch: "
-              f"{full_ms:.1f} ms; ratio {ratio:.3f}x (target <= 0.3x)")
+              f"{full_ms:.1f} ms (medians of {len(pairs)} runs); ratio of medians {ratio:.3f}x; paired ratios "
+              f"median {statistics.median(pairs):.3f}x, range {pairs[0]:.3f}-{pairs[-1]:.3f}x (target <= 0.3x)")
     else:
         print("\n(signature cost skipped: corpora or demo model missing)")
 

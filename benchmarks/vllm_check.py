@@ -33,7 +33,8 @@ vLLM pins its own torch and transformers, so it runs from a separate virtual env
     /work/vllm-venv/bin/pip install safetensors faiss-cpu accelerate tqdm matplotlib numpy
     /work/vllm-venv/bin/pip install -e /work/main --no-deps
 
-Run (about 2-3 minutes on 2 CPU cores):
+Run (about 2-3 minutes on 2 CPU cores; the full output, vLLM's worker logs included, goes to
+benchmarks/results/vllm_check-<date>.txt; `--no-record` skips that):
 
     /work/vllm-venv/bin/python benchmarks/vllm_check.py [--dtypes bfloat16,float32] [--workdir DIR]
 """
@@ -48,6 +49,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _record import add_record_args, record
 
 SETUP_HELP = __doc__[__doc__.index("    python3 -m venv"):__doc__.index("Run (")]
 
@@ -166,10 +169,10 @@ def vllm_greedy(folder: Path, prompt_ids: list[list[int]], new_tokens: int, dtyp
         req, res = Path(tmp) / "req.json", Path(tmp) / "res.json"
         req.write_text(json.dumps({"prompt_ids": prompt_ids, "new_tokens": new_tokens}))
         cmd = [sys.executable, __file__, "--worker", str(folder), dtype, str(req), str(res)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        # Not captured: the worker's (and vLLM's engine's) output belongs in the run's log.
+        proc = subprocess.run(cmd)
         if proc.returncode != 0 or not res.exists():
-            tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-40:])
-            raise RuntimeError(f"vLLM worker failed (rc={proc.returncode}):\n{tail}")
+            raise RuntimeError(f"vLLM worker failed (rc={proc.returncode}); its output is above")
         return json.loads(res.read_text())["tokens"]
 
 
@@ -213,20 +216,28 @@ def main() -> int:
     ap.add_argument("--models", default=",".join(FAMILIES))
     ap.add_argument("--workdir", help="keep the checkpoints here (default: a temporary folder)")
     ap.add_argument("--worker", nargs=4, metavar=("FOLDER", "DTYPE", "REQ", "RES"), help=argparse.SUPPRESS)
+    add_record_args(ap)
     args = ap.parse_args()
     if args.worker:
         worker(*args.worker)
         return 0
 
     try:
-        import vllm
+        import vllm  # noqa: F401 - checked before recording: a run that cannot start is no record
     except Exception as e:  # ImportError, or a broken torch/transformers pairing underneath it
         print(f"vLLM is not importable from {sys.executable}: {type(e).__name__}: {e}\n"
               f"Run this script with the vLLM virtual environment's python; to create it:\n{SETUP_HELP}",
               file=sys.stderr)
         return 2
+    with record("vllm_check", args.results, args.record):
+        sys.exit(run(args))  # inside the recording, so that the log's footer shows a failing status
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build, profile, prune and export each model; compare vLLM's greedy tokens with transformers'."""
     import torch
     import transformers
+    import vllm
 
     import moeprune
 

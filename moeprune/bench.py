@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ._io import atomic_write_bytes
 from .errors import MoepruneError
 from .evaluate import evaluate
 from .hooks import keep_mask
@@ -220,9 +221,7 @@ def plots(result: dict, out_dir: str | os.PathLike) -> list[Path]:
 
 def write_report(result: dict, out_dir: str | os.PathLike) -> Path:
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "criteria.json").write_text(json.dumps(result, indent=1))
-    md = markdown(result)
-    (out / "criteria.md").write_text(md + "\n")
+    atomic_write_bytes(out / "criteria.json", json.dumps(result, indent=1).encode())
+    atomic_write_bytes(out / "criteria.md", (markdown(result) + "\n").encode())
     plots(result, out)
     return out

@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+import traceback
 from pathlib import Path
 
+from .budget import parse_budget
 from .errors import MoepruneError
 
 
 def _cmd_profile(args) -> int:
+    from ._io import check_output_dir
     from .profiler import profile
 
-    out = Path(args.output)
-    if out.is_dir() and any(out.iterdir()) and not args.force:
-        raise MoepruneError(f"{out} already exists and is not empty; pass --force to replace it")
+    out = check_output_dir(args.output, force=args.force, protect=[args.model], what="profile folder")
     prof = profile(
-        args.model, args.prompts, domain=args.domain, batch_size=args.batch_size, max_length=args.max_length,
+        args.model, Path(args.prompts), domain=args.domain, batch_size=args.batch_size, max_length=args.max_length,
         tcess_threshold=args.tcess_threshold, dtype=args.dtype, progress=not args.quiet,
     )
     prof.save(out, overwrite=args.force)
+    cut = prof.meta.get("n_cut") or 0
+    if cut:
+        print(f"note: {cut} of {prof.n_prompts} prompts were longer than {prof.meta['max_length']} tokens "
+              "and were cut (--max-length)")
     print(f"profiled {prof.n_prompts} prompts ({prof.n_tokens} tokens) over {len(prof.moe_layers)} MoE layers "
           f"x {prof.num_experts} experts -> {out}")
     return 0
@@ -55,27 +61,19 @@ def _cmd_inspect(args) -> int:
     return 0
 
 
-def _parse_keep(text: str) -> float | int:
-    try:
-        return int(text) if text.strip().isdigit() else float(text)
-    except ValueError:
-        raise MoepruneError(f"--keep must be a fraction in (0, 1] or an expert count, got {text!r}") from None
-
-
 def _cmd_select(args) -> int:
+    from ._io import check_output_file
     from .pattern import diagnose, select_union
     from .profiles import Profile
     from .report import summarize_pattern
 
+    out = check_output_file(args.output, force=args.force, what="pattern file")
+    keep = parse_budget(args.keep, "--keep")
     profiles = [Profile.load(p) for p in args.profile]
-    keep = _parse_keep(args.keep)
     if len(profiles) == 1:
         pattern = profiles[0].select(keep=keep, criterion=args.criterion, strategy=args.strategy, seed=args.seed)
     else:
         pattern = select_union(profiles, keep=keep, criterion=args.criterion, strategy=args.strategy, seed=args.seed)
-    out = Path(args.output)
-    if out.exists() and not args.force:
-        raise MoepruneError(f"{out} already exists; pass --force to replace it")
     pattern.save(out)
     merged = profiles[0]
     for p in profiles[1:]:
@@ -86,16 +84,18 @@ def _cmd_select(args) -> int:
 
 
 def _cmd_export(args) -> int:
+    from ._io import check_output_dir
     from .exporter import export
     from .pattern import Pattern
     from .profiles import Profile
 
     if bool(args.pattern) == bool(args.profile):
         raise MoepruneError("give exactly one of --pattern FILE or --profile DIR (with --keep)")
+    check_output_dir(args.output, force=args.force, protect=[args.model], what="export folder")
     if args.pattern:
         pattern = Pattern.load(args.pattern)
     else:
-        pattern = Profile.load(args.profile).select(keep=_parse_keep(args.keep), criterion=args.criterion,
+        pattern = Profile.load(args.profile).select(keep=parse_budget(args.keep, "--keep"), criterion=args.criterion,
                                                     strategy="uniform")
     out = export(args.model, pattern, args.output, force=args.force, max_shard_size=args.max_shard_size,
                  progress=not args.quiet)
@@ -105,9 +105,11 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_plot(args) -> int:
+    from ._io import check_output_file
     from .profiles import Profile
     from .report import plot_profile
 
+    check_output_file(args.output, force=args.force, what="plot file")
     art = _load_artefact(args.path)
     if not isinstance(art, Profile):
         raise MoepruneError(f"{args.path} is not a profile")
@@ -119,7 +121,7 @@ def _cmd_plot(args) -> int:
 def _cmd_eval(args) -> int:
     from .evaluate import evaluate
 
-    result = evaluate(args.model, args.data, pattern=args.pattern, window=args.window, stride=args.stride,
+    result = evaluate(args.model, Path(args.data), pattern=args.pattern, window=args.window, stride=args.stride,
                       batch_size=args.batch_size, max_tokens=args.max_tokens, dtype=args.dtype,
                       progress=not args.quiet)
     what = f"{args.model} with pattern {args.pattern}" if args.pattern else args.model
@@ -130,14 +132,17 @@ def _cmd_eval(args) -> int:
 def _cmd_demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(out=args.output, keep=args.keep, domain=args.domain)
+    keep = parse_budget(args.keep, "--keep")
+    run_demo(out=args.output, keep=keep, domain=args.domain, force=args.force)
     return 0
 
 
 def _cmd_bench_criteria(args) -> int:
+    from ._io import check_output_dir
     from .bench import BenchConfig, markdown, run_benchmark, write_report
     from .demo import DEMO_MODEL
 
+    check_output_dir(args.output, force=args.force, what="benchmark output folder")
     cfg = BenchConfig()
     if args.quick:
         cfg = BenchConfig(domains=tuple(args.domains or ("python", "bible")), calib_sizes=(16,), keeps=(0.5,),
@@ -159,12 +164,16 @@ def _cmd_store(args) -> int:
     if action == "add":
         from .profiles import Profile
 
+        keep = parse_budget(args.keep, "--keep")
+        bad_tags = [t for t in args.tag or [] if "=" not in t or not t.split("=", 1)[0]]
+        if bad_tags:
+            raise MoepruneError(f"--tag must be KEY=VALUE, got {bad_tags[0]!r}")
         prof = Profile.load(args.profile)
-        pattern = prof.select(keep=_parse_keep(args.keep), criterion=args.criterion, strategy=args.strategy)
+        pattern = prof.select(keep=keep, criterion=args.criterion, strategy=args.strategy)
         name = args.name or prof.domain
         if not name:
             raise MoepruneError("the profile has no domain name: pass --name")
-        tags = dict(t.split("=", 1) for t in args.tag or [] if "=" in t)
+        tags = dict(t.split("=", 1) for t in args.tag or [])
         entry = store.add(name, prof, pattern, tags=tags, replace=args.replace, model=args.model)
         print(f"added {entry.name!r}: {pattern.n_kept} experts kept over {len(pattern.kept)} layers, "
               f"{entry.meta['n_demonstrations']} demonstrations indexed -> {store.path}")
@@ -194,11 +203,14 @@ def _cmd_store(args) -> int:
     elif action == "search":
         from .models import load_model
 
+        threshold = _parse_threshold(args.threshold)
+        if args.k < 1:
+            raise MoepruneError(f"--k must be at least 1, got {args.k}")
         model_path = args.model or store.manifest.get("model")
         if not model_path:
             raise MoepruneError("give --model (the store does not record one)")
+        store.info()  # a broken store fails before the model loads
         model, tok = load_model(model_path)
-        threshold = args.threshold if args.threshold is None or args.threshold == "auto" else float(args.threshold)
         match = store.search(args.query, model, tok, k=args.k, threshold=threshold)
         print(f"match      {match.name or 'all experts'}")
         print(f"fell back  {'yes: ' + match.reason if match.fell_back else 'no'}")
@@ -209,10 +221,22 @@ def _cmd_store(args) -> int:
     return 0
 
 
+def _parse_threshold(text: str | None) -> float | str | None:
+    if text is None or text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise MoepruneError(f"--threshold must be 'auto' or a cosine similarity in [-1, 1], got {text!r}") from None
+    if not -1.0 <= value <= 1.0:
+        raise MoepruneError(f"--threshold must be 'auto' or a cosine similarity in [-1, 1], got {text!r}")
+    return value
+
+
 def _cmd_serve(args) -> int:
     from .serve.server import serve
 
-    budget = _parse_keep(args.expert_budget) if args.expert_budget else 1.0
+    budget = parse_budget(args.expert_budget, "--expert-budget") if args.expert_budget else 1.0
     serve(args.model, args.store, host=args.host, port=args.port, api_key=args.api_key, expert_budget=budget,
           max_batch=args.max_batch, max_queue=args.max_queue, dtype=args.dtype)
     return 0
@@ -230,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = _Parser(prog="moeprune", description="Keep only the experts a task needs.")
     parser.add_argument("--version", action="version", version=f"moeprune {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show transformers' own progress bars and messages (e.g. 'Loading weights')")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("profile", help="profile a domain from a handful of prompts")
@@ -238,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domain", required=True, help="name of the domain these prompts stand for")
     p.add_argument("-o", "--output", required=True, help="profile folder to write")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-length", type=int, default=512, help="tokens per prompt (longer ones are truncated)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens per prompt (default 512, or the model's context if shorter); longer prompts are cut")
     p.add_argument("--tcess-threshold", type=float, default=0.0,
                    help="PreMoe confidence filter: count router probabilities only above this")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
@@ -279,13 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("path")
     p.add_argument("-o", "--output", required=True, help="PNG file to write")
     p.add_argument("--criterion", default="easy_ep", help="frequency, mass, tcess, easy_ep, reap or gate_norm")
+    p.add_argument("--force", action="store_true", help="replace an existing file")
     p.set_defaults(func=_cmd_plot)
 
     p = sub.add_parser("eval", help="token-weighted perplexity of a model, a slim model or an export")
     p.add_argument("model", help="checkpoint folder (full model or an export)")
     p.add_argument("--pattern", help="load the model slim with only this pattern's experts")
     p.add_argument("--data", required=True, help=".jsonl with a 'text' per line, or a text file")
-    p.add_argument("--window", type=int, default=256, help="tokens per window")
+    p.add_argument("--window", type=int, default=None,
+                   help="tokens per window (default 256, or the model's context if shorter)")
     p.add_argument("--stride", type=int, default=None, help="window step (default: the window)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
@@ -293,9 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
 
-    p = sub.add_parser("demo", help="run the main job end to end on the bundled demo MoE (offline, ~1 min)")
+    p = sub.add_parser("demo", help="run the main job end to end on the bundled demo MoE (offline, ~10 s)")
     p.add_argument("-o", "--output", help="keep the exported checkpoint here (default: a temporary folder)")
-    p.add_argument("--keep", type=float, default=0.5)
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty --output folder")
+    p.add_argument("--keep", default="0.5", help="fraction of experts per layer (0.5) or a count (16)")
     p.add_argument("--domain", default="python", help="python, legal or bible")
     p.set_defaults(func=_cmd_demo)
 
@@ -305,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domains", nargs="*", help="domains to run (default: all seven)")
     p.add_argument("--quick", action="store_true", help="2 domains, one keep level (what CI runs)")
     p.add_argument("-o", "--output", default="bench-criteria", help="folder for the table, JSON and plots")
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_bench_criteria)
 
@@ -348,30 +379,80 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     p.add_argument("--dtype", default=None)
     p.set_defaults(func=_cmd_serve)
+    _verbose_everywhere(sub)
     return parser
+
+
+def _verbose_everywhere(sub) -> None:
+    """`-v` works after the command too (`moeprune profile ... -v`)."""
+    for command in sub.choices.values():
+        nested = [a for a in command._actions if isinstance(a, argparse._SubParsersAction)]
+        for target in [command, *(c for a in nested for c in a.choices.values())]:
+            target.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                                help="show transformers' own progress bars and messages")
+
+
+def _quiet_libraries(verbose: bool) -> None:
+    """transformers' per-load bars ("Loading weights") are noise in a CLI with its own progress bars."""
+    from transformers.utils import logging as hf_logging
+
+    if verbose:
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
+
+
+def _show_notes() -> None:
+    """moeprune's own warnings (e.g. a stale temporary folder removed) go to stderr as one line each."""
+    log = logging.getLogger("moeprune")
+    if not any(getattr(h, "_moeprune_cli", False) for h in log.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("moeprune: note: %(message)s"))
+        handler._moeprune_cli = True  # type: ignore[attr-defined]
+        log.addHandler(handler)
+    log.setLevel(logging.INFO)
+
+
+def _debug() -> bool:
+    return os.environ.get("MOEPRUNE_DEBUG", "").strip() not in ("", "0")
+
+
+def _print_debug(e: BaseException) -> None:
+    """The whole chain: errors raised `from None` still carry their cause, which is what a bug report needs."""
+    cur: BaseException | None = e
+    while cur is not None:
+        cur.__suppress_context__ = False
+        cur = cur.__cause__ or cur.__context__
+    traceback.print_exception(e, file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _quiet_libraries(args.verbose)
+        _show_notes()
         return args.func(args)
-    except MoepruneError as e:
-        print(f"moeprune: error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        print(f"moeprune: error: {e}", file=sys.stderr)
+    except (MoepruneError, FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError) as e:
+        if _debug():
+            _print_debug(e)
+        print(f"moeprune: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("moeprune: interrupted", file=sys.stderr)
         return 130
     except Exception as e:  # an unexpected failure: one line, the traceback on request
-        if os.environ.get("MOEPRUNE_DEBUG"):
-            raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        print(f"moeprune: error: {type(e).__name__}: {first} (set MOEPRUNE_DEBUG=1 for the traceback)",
+        if _debug():
+            _print_debug(e)
+            return 1
+        print(f"moeprune: error: {type(e).__name__}: {_one_line(e)} (set MOEPRUNE_DEBUG=1 for the traceback)",
               file=sys.stderr)
         return 1
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return " ".join(text.split()) if text else type(e).__name__
 
 
 if __name__ == "__main__":

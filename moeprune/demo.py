@@ -11,6 +11,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ._io import check_output_dir
 from .errors import MoepruneError
 
 HERE = Path(__file__).resolve().parent
@@ -24,7 +25,8 @@ def _dir_bytes(path: Path, pattern: str = "*.safetensors") -> int:
 
 
 def run_demo(out: str | None = None, keep: float = 0.5, domain: str = "python", prompts: int = 16,
-             print_fn=print) -> dict:
+             print_fn=print, force: bool = False) -> dict:
+    """Run the demo; `out` keeps the exported checkpoint (a non-empty folder is replaced only with `force`)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -36,6 +38,8 @@ def run_demo(out: str | None = None, keep: float = 0.5, domain: str = "python", 
         raise MoepruneError(f"the bundled demo model is missing ({DEMO_MODEL}); reinstall moeprune")
     if domain not in DEMO_DOMAINS:
         raise MoepruneError(f"demo domain must be one of {', '.join(DEMO_DOMAINS)}")
+    if out:  # before the model loads and profiling starts, not after a minute of work
+        check_output_dir(out, force=force, protect=(DEMO_MODEL,), what="demo output folder")
     t0 = time.time()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
@@ -57,7 +61,7 @@ def run_demo(out: str | None = None, keep: float = 0.5, domain: str = "python", 
 
     with tempfile.TemporaryDirectory() as scratch:
         target = Path(out) if out else Path(scratch) / f"demo-{domain}"
-        export(DEMO_MODEL, patterns[domain], target, force=out is not None)
+        export(DEMO_MODEL, patterns[domain], target, force=force)
         pruned = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()  # vanilla transformers
         results = {}
         for d in DEMO_DOMAINS:

@@ -17,6 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import MoepruneError
+from .models import check_int, model_device, resolve_length
 from .prompts import read_documents
 
 
@@ -63,7 +64,7 @@ def evaluate(
     *,
     tokenizer=None,
     pattern=None,
-    window: int = 256,
+    window: int | None = None,
     stride: int | None = None,
     batch_size: int = 8,
     max_tokens: int | None = None,
@@ -73,32 +74,48 @@ def evaluate(
     """Perplexity of `model` on `data` (a .jsonl/.txt file or a list of texts).
 
     `model` is a loaded model (pass `tokenizer`) or a checkpoint folder; with `pattern`, the
-    folder is loaded slim (only the pattern's experts) through `load_slim`.
+    folder is loaded slim (only the pattern's experts) through `load_slim`. `window` (default
+    256, or the model's context if shorter) may not exceed the model's context; `stride`
+    defaults to the window.
     """
-    stride = stride or window
-    if window < 2 or not 0 < stride <= window:
-        raise MoepruneError(f"need window >= 2 and 0 < stride <= window, got window={window}, stride={stride}")
+    if window is not None:
+        check_int(window, "window", minimum=2)
+    if stride is not None:
+        check_int(stride, "stride", minimum=1)
+        if window is not None and stride > window:
+            raise MoepruneError(f"stride ({stride}) must not exceed the window ({window})")
+    check_int(batch_size, "batch_size", minimum=1)
+    if max_tokens is not None:
+        check_int(max_tokens, "max_tokens", minimum=1)
+    if not isinstance(model, (nn.Module, str, os.PathLike)):
+        raise MoepruneError(f"model must be a loaded transformers model or a checkpoint folder, "
+                            f"got {type(model).__name__}")
     texts = read_documents(data)
     if isinstance(model, (str, os.PathLike)):
-        from .models import load_model, load_tokenizer
+        from .models import check_model_path, load_config, load_model, load_tokenizer
 
+        path = check_model_path(model)
+        resolve_length(window, 256, load_config(path), "window")  # before loading a model that cannot take it
         if pattern is not None:
             from .slim import load_slim
 
-            path = str(model)
             model = load_slim(path, pattern, dtype=dtype)
             tokenizer = tokenizer or load_tokenizer(path)
         else:
-            model, loaded = load_model(model, dtype=dtype)
+            model, loaded = load_model(path, dtype=dtype)
             tokenizer = tokenizer or loaded
     elif pattern is not None:
         raise MoepruneError("pattern= needs a checkpoint folder, not a loaded model (use load_slim first)")
     if tokenizer is None:
         raise MoepruneError("evaluate() needs a tokenizer when given a loaded model: pass tokenizer=...")
+    window = resolve_length(window, 256, model.config, "window")
+    stride = stride or window
+    if stride > window:
+        raise MoepruneError(f"stride ({stride}) must not exceed the window ({window})")
     stream = token_stream(texts, tokenizer, max_tokens)
     if len(stream) < 2:
         raise MoepruneError(f"the evaluation data has {len(stream)} token(s); at least 2 are needed")
-    device = next(model.parameters()).device
+    device = model_device(model)
     spans = _windows(len(stream), window, stride)
     total_nll, total = 0.0, 0
     model.eval()

@@ -21,10 +21,12 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from ._io import atomic_dir
+from . import _faults
+from ._io import atomic_dir, check_output_dir
 from .errors import MoepruneError
+from .fingerprint import fingerprint_from_parts
 from .models import check_model_path
-from .pattern import Pattern
+from .pattern import Pattern, as_pattern
 from .reader import CheckpointReader
 from .routers import get_adapter
 from .routers.base import MoEAdapter
@@ -36,13 +38,20 @@ _UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GI
 
 
 def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string like '2GB', '500MB', '20KiB'."""
+    """Bytes from an int or a string like '2GB', '500MB', '20KiB'; refuses sizes below one byte."""
+    how = "use e.g. 2GB, 500MB or a byte count"
+    if isinstance(size, bool):
+        raise MoepruneError(f"cannot read shard size {size!r} (--max-shard-size): {how}")
     if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*([\d.]+)\s*([KMG]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
-    if not m:
-        raise MoepruneError(f"cannot read shard size {size!r}: use e.g. 2GB, 500MB or a byte count")
-    return int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+        n = size
+    else:
+        m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([KMG]i?B|B)?\s*", str(size), flags=re.IGNORECASE)
+        if not m:
+            raise MoepruneError(f"cannot read shard size {size!r} (--max-shard-size): {how}")
+        n = int(float(m.group(1)) * _UNITS[(m.group(2) or "B").upper()])
+    if n <= 0:  # 0 would put every tensor in a shard of its own
+        raise MoepruneError(f"shard size (--max-shard-size) must be at least one byte, got {size!r}: {how}")
+    return n
 
 
 @dataclass
@@ -121,14 +130,25 @@ def _shards(plan: list[_Out], max_bytes: int) -> list[list[_Out]]:
     return shards
 
 
-def _config_json(src: Path, adapter: MoEAdapter, config, count: int) -> dict:
+def _config_json(src: Path, adapter: MoEAdapter, config, pattern: Pattern, routers: dict) -> dict:
     data = json.loads((src / "config.json").read_text())
+    count = next(iter(pattern.counts.values()))
     aliases = getattr(config, "attribute_map", {}) or {}
     for field in {adapter.num_experts_field, aliases.get(adapter.num_experts_field, adapter.num_experts_field)}:
         if field in data or field == aliases.get(adapter.num_experts_field, adapter.num_experts_field):
             data[field] = count
     if count < adapter.top_k(config):
         data[adapter.top_k_field] = count
+    # Provenance: the store retrieves with an export as with its source. The pruned model's own
+    # fingerprint is recorded too, so an export whose routers were changed later is not taken for it.
+    pruned = [routers[adapter.router_keys(layer)[0]].index_select(0, torch.as_tensor(ids, dtype=torch.long))
+              for layer, ids in pattern.kept.items()]
+    data["moeprune_source"] = {
+        "fingerprint": pattern.fingerprint,
+        "pruned_fingerprint": fingerprint_from_parts(adapter.sliced_config(config, count), pruned),
+        "domains": pattern.meta.get("domains") or [],
+        "moeprune_version": __version__,
+    }
     return data
 
 
@@ -186,10 +206,10 @@ def export(
 ) -> Path:
     """Write `pattern`'s pruned model as a standard checkpoint in `out_dir`; returns its path.
 
-    An existing non-empty `out_dir` is replaced only with `force`; a failed export leaves nothing behind.
+    An existing non-empty `out_dir` is replaced only with `force`, and never when it is, holds or lies
+    inside the source checkpoint (checked before any work); a failed export leaves nothing behind.
     """
-    if not isinstance(pattern, Pattern):
-        pattern = Pattern.load(pattern)
+    pattern = as_pattern(pattern)
     src = Path(check_model_path(model_path))
     if not src.is_dir():
         raise MoepruneError(f"export needs a local checkpoint folder, got {model_path}")
@@ -199,20 +219,18 @@ def export(
             f"pattern ({min(pattern.counts.values())}-{max(pattern.counts.values())} experts per layer) cannot "
             "be exported; select with strategy='uniform', or serve it with load_slim"
         )
-    out = Path(out_dir)
-    if out.resolve() == src.resolve():
-        raise MoepruneError("the export folder must differ from the source checkpoint")
     max_bytes = parse_size(max_shard_size)
+    # before any reading: replacing a folder that is, holds or lies inside the source would destroy it
+    out = check_output_dir(out_dir, force=force, protect=(src,), what="export folder")
     config = load_config(str(src))
     adapter = get_adapter(config)
-    count = next(iter(pattern.counts.values()))
     with CheckpointReader(src) as reader:
         routers = read_routers(reader, adapter, adapter.moe_layers(config))
         check_pattern(pattern, config, adapter, checkpoint_fingerprint(config, routers, adapter,
                                                                        adapter.moe_layers(config)))
         plan = _plan(reader, adapter, pattern, routers)
         shards = _shards(plan, max_bytes)
-        with atomic_dir(out, overwrite=force) as tmp:
+        with atomic_dir(out, overwrite=force, protect=(src,)) as tmp:
             names = (["model.safetensors"] if len(shards) == 1 else
                      [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
             weight_map, total, n_params = {}, 0, 0
@@ -228,15 +246,18 @@ def export(
                     bar.update(item.nbytes)
                 save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
                 del tensors
+                _faults.point(f"export: {fname} written")
             bar.close()
             if len(shards) > 1:
                 index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-            (tmp / "config.json").write_text(json.dumps(_config_json(src, adapter, config, count), indent=2) + "\n")
+            (tmp / "config.json").write_text(json.dumps(_config_json(src, adapter, config, pattern, routers), indent=2) + "\n")
             for f in src.iterdir():
                 if f.is_file() and not _WEIGHT_FILES.match(f.name) and f.name not in ("config.json", "README.md",
                                                                                        "pattern.json"):
-                    shutil.copy2(f, tmp / f.name)
+                    shutil.copyfile(f, tmp / f.name)  # content only: the copy gets the umask's mode, not the source's
+            _faults.point("export: config and tokenizer written")
             pattern.save(tmp / "pattern.json")
             (tmp / "README.md").write_text(_model_card(str(model_path), pattern, config, adapter, n_params))
+            _faults.point("export: model card written")
     return out

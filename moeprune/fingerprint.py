@@ -39,3 +39,21 @@ def model_fingerprint(model) -> str:
     adapter = get_adapter(model)
     routers = [adapter.router(block).weight for _, block in adapter.blocks(model)]
     return fingerprint_from_parts(model.config, routers)
+
+
+def source_fingerprint(model) -> str:
+    """The fingerprint of the full model that `model` is, or was pruned from.
+
+    A full model is its own source. `load_slim` records its source on the model. An exported
+    checkpoint records it in its config (`moeprune_source`), together with the fingerprint of the
+    pruned model itself, which must match the loaded routers: an edited or re-trained export is
+    its own model, not the source's.
+    """
+    fp = getattr(model, "moeprune_source_fingerprint", None)
+    if fp:
+        return fp
+    own = model_fingerprint(model)
+    src = getattr(model.config, "moeprune_source", None)
+    if isinstance(src, dict) and src.get("pruned_fingerprint") == own and isinstance(src.get("fingerprint"), str):
+        return src["fingerprint"]
+    return own

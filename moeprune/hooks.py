@@ -21,6 +21,7 @@ try:  # transformers' grouped kernel wrapper: lets the recording path cost no mo
 except ImportError:  # pragma: no cover - older/newer transformers: the generic path still works
     _grouped_linear = None
 
+from .errors import MoepruneError
 from .routers.base import MoEAdapter
 
 RECORD_IMPL = "moeprune_record"
@@ -113,8 +114,17 @@ def keep_mask_hooks(model: nn.Module, adapter: MoEAdapter, keep: dict[int, torch
 
     Returns the hook handles (remove them to restore the full router).
     """
+    blocks = adapter.blocks(model)
+    n = adapter.num_experts(model.config)
+    for layer, mask in keep.items():  # check everything before the first hook goes in
+        if not isinstance(mask, torch.Tensor) or mask.shape != (n,):
+            raise MoepruneError(f"layer {layer}: a keep-mask must be a bool tensor of shape [{n}], got "
+                                f"{getattr(mask, 'shape', type(mask).__name__)}")
+    missing = set(keep) - {layer for layer, _ in blocks}
+    if missing:
+        raise MoepruneError(f"keep-masks name layers {sorted(missing)}, which are not MoE layers of this model")
     handles = []
-    for layer, block in adapter.blocks(model):
+    for layer, block in blocks:
         if layer not in keep:
             continue
         mask = keep[layer].bool()

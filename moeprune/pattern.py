@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import math
+import operator
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ._io import atomic_write_json, read_json
+from .budget import resolve_count
 from .errors import FormatVersionError, MoepruneError
 from .version import PATTERN_FORMAT, __version__
 
@@ -35,7 +37,34 @@ class Pattern:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.kept = {int(layer): sorted(int(e) for e in ids) for layer, ids in sorted(self.kept.items())}
+        if not isinstance(self.kept, dict):
+            raise MoepruneError(f"a pattern's kept experts must be a dict of layer -> expert ids, "
+                                f"got {type(self.kept).__name__}")
+        if not isinstance(self.meta, dict):
+            raise MoepruneError(f"a pattern's meta must be a dict, got {type(self.meta).__name__}")
+        if not self.kept:
+            raise MoepruneError("a pattern must cover at least one MoE layer")
+        kept = {}
+        for layer, ids in self.kept.items():
+            layer = int(layer) if isinstance(layer, str) and layer.isdigit() else _as_id(layer, "MoE layer")
+            if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+                raise MoepruneError(f"layer {layer}: kept experts must be a list of ids, got {ids!r}")
+            ids = [_as_id(e, f"layer {layer}: expert id") for e in ids]
+            if not ids:
+                raise MoepruneError(f"layer {layer} keeps no expert; every MoE layer must keep at least top-k")
+            if len(set(ids)) != len(ids):
+                raise MoepruneError(f"layer {layer}: kept experts contain duplicates: {sorted(ids)}")
+            kept[layer] = sorted(ids)
+        self.kept = dict(sorted(kept.items()))
+        n = self.meta.get("num_experts")
+        if n is not None:
+            if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                raise MoepruneError(f"a pattern's num_experts must be a positive integer, got {n!r}")
+            for layer, ids in self.kept.items():
+                bad = [e for e in ids if not 0 <= e < n]
+                if bad:
+                    raise MoepruneError(f"layer {layer}: expert ids {bad} are out of range for a model with {n} "
+                                        f"experts per layer")
 
     # ------------------------------------------------------------ views
     @property
@@ -126,14 +155,25 @@ class Pattern:
                 f"{source} has pattern format version {version}, newer than this moeprune ({__version__}) "
                 f"reads (<= {PATTERN_FORMAT}); upgrade moeprune"
             )
-        try:
-            kept = {int(k): [int(e) for e in v] for k, v in data["kept"].items()}
-        except (TypeError, ValueError, AttributeError):
-            raise MoepruneError(f"{source}: 'kept' must map layer ids to lists of expert ids") from None
-        if not kept or any(not ids for ids in kept.values()):
-            raise MoepruneError(f"{source}: every MoE layer must keep at least one expert")
+        raw = data["kept"]
+        if not isinstance(raw, dict) or not raw:
+            raise MoepruneError(f"{source}: 'kept' must map layer ids to lists of expert ids")
+        kept = {}
+        for k, v in raw.items():
+            if not (isinstance(k, str) and k.isdigit()):
+                raise MoepruneError(f"{source}: layer id {k!r} in 'kept' is not a non-negative integer")
+            if not isinstance(v, list) or not v:
+                raise MoepruneError(f"{source}: layer {k} must keep a non-empty list of expert ids, got {v!r}")
+            kept[int(k)] = v
+        for key, kind in (("fingerprint", str), ("num_experts", int)):
+            if not isinstance(data.get(key), kind) or isinstance(data.get(key), bool):
+                raise MoepruneError(f"{source}: '{key}' is missing or not a {kind.__name__}; a pattern must name "
+                                    "the model it was made for (select it again from a profile)")
         meta = {k: v for k, v in data.items() if k not in ("kept", "format")}
-        return cls(kept, meta)
+        try:
+            return cls(kept, meta)
+        except MoepruneError as e:
+            raise MoepruneError(f"{source}: {e}") from None
 
     def save(self, path: str | os.PathLike) -> Path:
         atomic_write_json(path, self.to_dict())
@@ -143,6 +183,8 @@ class Pattern:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Pattern:
+        if not isinstance(path, (str, os.PathLike)):
+            raise MoepruneError(f"a pattern is loaded from a file path, got {type(path).__name__}")
         path = Path(path)
         if path.is_dir():
             path = path / "pattern.json"
@@ -158,9 +200,31 @@ class Pattern:
                 f"layers={len(self.kept)}, kept/layer={per} of {self.meta.get('num_experts')})")
 
 
+def as_pattern(value: Pattern | str | os.PathLike) -> Pattern:
+    """A Pattern, or one loaded from a pattern .json (or a folder holding pattern.json)."""
+    if isinstance(value, Pattern):
+        return value
+    if isinstance(value, (str, os.PathLike)):
+        return Pattern.load(value)
+    raise MoepruneError(f"pattern must be a Pattern or the path of a pattern file, got {type(value).__name__}")
+
+
 # ---------------------------------------------------------------------- selection
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _as_id(value, what: str) -> int:
+    """An integer id (int, numpy or 0-d integer tensor); floats and bools are refused, never truncated."""
+    if isinstance(value, bool):
+        raise MoepruneError(f"{what} {value!r} is not an integer")
+    try:
+        i = operator.index(value)
+    except TypeError:
+        raise MoepruneError(f"{what} {value!r} is not an integer") from None
+    if i < 0:
+        raise MoepruneError(f"{what} {i} is negative")
+    return i
 
 
 def _unit(groups: dict | None) -> int:
@@ -176,17 +240,8 @@ def min_count(top_k: int, groups: dict | None) -> int:
 
 
 def resolve_keep(keep: float | int, n_experts: int, top_k: int, groups: dict | None = None) -> int:
-    """Experts per layer for a keep fraction (0 < keep <= 1) or count (int >= 1); errors name the fix."""
-    if isinstance(keep, bool) or not isinstance(keep, (int, float)):
-        raise MoepruneError(f"keep must be a fraction in (0, 1] or an expert count, got {keep!r}")
-    if isinstance(keep, float):
-        if not (0.0 < keep <= 1.0) or math.isnan(keep):
-            raise MoepruneError(f"keep ratio {keep} is out of range: give a fraction in (0, 1] or an integer count")
-        count = round(keep * n_experts)
-    else:
-        count = keep
-    if not 1 <= count <= n_experts:
-        raise MoepruneError(f"keep count {count} is out of range: a layer has {n_experts} experts")
+    """Experts per layer for a keep fraction (0 < keep <= 1) or count (int >= 2); errors name the fix."""
+    count = resolve_count(keep, n_experts, "keep")
     lowest = min_count(top_k, groups)
     if count < lowest:
         raise MoepruneError(
@@ -298,12 +353,28 @@ def _source(profile) -> dict:
     return {k: profile.meta.get(k) for k in ("domain", "n_prompts", "n_tokens", "created")}
 
 
+def _check_choice(criterion, strategy, seed) -> str:
+    from .profiles import criterion_name
+
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise MoepruneError(f"seed must be an integer, got {seed!r}")
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise MoepruneError(f"unknown strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    return "random" if criterion == "random" else criterion_name(criterion)
+
+
+def _check_profile(profile, what: str = "profile"):
+    from .profiles import Profile
+
+    if not isinstance(profile, Profile):
+        raise MoepruneError(f"{what} must be a moeprune Profile, got {type(profile).__name__}")
+    return profile
+
+
 def select(profile, keep: float | int = 0.5, criterion: str = "easy_ep", strategy: str = "uniform",
            seed: int = 0) -> Pattern:
     """A pattern from one profile (see `Profile.select`)."""
-    from .profiles import criterion_name
-
-    crit = "random" if criterion == "random" else criterion_name(criterion)
+    crit = _check_choice(criterion, strategy, seed)
     kept = select_from_scores(_criterion_scores(profile, crit, seed), profile.moe_layers, keep, profile.top_k,
                               profile.meta.get("groups"), strategy)
     meta = _pattern_meta(profile, crit, keep, strategy, seed, [profile.domain] if profile.domain else [],
@@ -316,16 +387,16 @@ def select_union(profiles: Sequence, keep: float | int = 0.5, criterion: str = "
                  strategy: str = "uniform", seed: int = 0) -> Pattern:
     """One pattern for several domains: each profile's scores become per-layer shares, which are
     summed before selecting (EASY-EP's mixed-domain mode)."""
-    from .profiles import criterion_name
-
-    profiles = list(profiles)
+    if not isinstance(profiles, (list, tuple)):
+        raise MoepruneError(f"select_union takes a list of profiles, got {type(profiles).__name__}")
+    profiles = [_check_profile(p, f"profile {i}") for i, p in enumerate(profiles)]
     if not profiles:
         raise MoepruneError("select_union needs at least one profile")
+    crit = _check_choice(criterion, strategy, seed)
     first = profiles[0]
     for p in profiles[1:]:
         if p.fingerprint != first.fingerprint or p.moe_layers != first.moe_layers:
             raise MoepruneError("profiles of different models cannot be combined (fingerprints differ)")
-    crit = "random" if criterion == "random" else criterion_name(criterion)
     total = sum(layer_shares(_criterion_scores(p, crit, seed)) for p in profiles)
     kept = select_from_scores(total, first.moe_layers, keep, first.top_k, first.meta.get("groups"), strategy)
     domains = [p.domain for p in profiles if p.domain]
@@ -357,6 +428,8 @@ class Diagnostics:
 
 def diagnose(profile, pattern: Pattern) -> Diagnostics:
     """Routing mass kept and top-k miss rate of `pattern` on the tokens `profile` saw."""
+    _check_profile(profile)
+    pattern = as_pattern(pattern)
     if profile.fingerprint != pattern.fingerprint:
         raise MoepruneError("the profile and the pattern belong to different models (fingerprints differ)")
     masks = pattern.keep_masks()

@@ -18,8 +18,8 @@ from tqdm.auto import tqdm
 
 from .errors import MoepruneError
 from .fingerprint import model_fingerprint
-from .hooks import hooks, record_experts
-from .models import load_model
+from .hooks import record_experts
+from .models import check_int, load_model, model_device, resolve_length
 from .profiles import STATS, Profile
 from .prompts import encode, read_prompts
 from .routers import get_adapter
@@ -107,7 +107,7 @@ def profile(
     tokenizer=None,
     domain: str | None = None,
     batch_size: int = 8,
-    max_length: int = 512,
+    max_length: int | None = None,
     tcess_threshold: float = 0.0,
     routing_tokens: int = 65536,
     dtype=None,
@@ -118,44 +118,58 @@ def profile(
     `model` is a loaded transformers MoE model or a checkpoint folder (or hub id). `prompts` is a
     list of strings / chat-message lists, or a .txt (one per line) or .jsonl (`text` or
     `messages`) file. Prompts run in right-padded batches; padding tokens are never counted.
-    The top-k picks of the first `routing_tokens` real tokens are kept for diagnostics.
+    Prompts longer than `max_length` tokens (default 512, or the model's context if shorter) are
+    cut; the profile's `n_cut` says how many. The top-k picks of the first `routing_tokens` real
+    tokens are kept for diagnostics.
     """
-    if batch_size < 1:
-        raise MoepruneError(f"batch_size must be >= 1, got {batch_size}")
-    if max_length < 1:
-        raise MoepruneError(f"max_length must be >= 1, got {max_length}")
-    if not 0.0 <= tcess_threshold < 1.0:
-        raise MoepruneError(f"tcess_threshold must be in [0, 1), got {tcess_threshold}")
+    check_int(batch_size, "batch_size", minimum=1)
+    if max_length is not None:
+        check_int(max_length, "max_length", minimum=1)
+    check_int(routing_tokens, "routing_tokens", minimum=0)
+    if isinstance(tcess_threshold, bool) or not isinstance(tcess_threshold, (int, float)) \
+            or not 0.0 <= tcess_threshold < 1.0:
+        raise MoepruneError(f"tcess_threshold must be a number in [0, 1), got {tcess_threshold!r}")
+    if domain is not None and not isinstance(domain, str):
+        raise MoepruneError(f"domain must be a string, got {type(domain).__name__}")
+    if not isinstance(model, (nn.Module, str, os.PathLike)):
+        raise MoepruneError(f"model must be a loaded transformers model or a checkpoint folder, "
+                            f"got {type(model).__name__}")
     items = read_prompts(prompts)  # before loading a big model: bad prompts fail fast
     if isinstance(model, (str, os.PathLike)):
+        from .models import check_model_path, load_config
+
+        max_length = resolve_length(max_length, 512, load_config(check_model_path(model)), "max_length")
         model, loaded_tok = load_model(model, dtype=dtype)
         tokenizer = tokenizer or loaded_tok
     if tokenizer is None:
         raise MoepruneError("profile() needs a tokenizer when given a loaded model: pass tokenizer=...")
+    if not callable(tokenizer):
+        raise MoepruneError(f"tokenizer must be a transformers tokenizer, got {type(tokenizer).__name__}")
     adapter = get_adapter(model)
+    max_length = resolve_length(max_length, 512, model.config, "max_length")
     blocks = adapter.blocks(model)
     layers = adapter.decoder_layers(model)
-    n_experts, device = adapter.num_experts(model.config), next(model.parameters()).device
+    n_experts, device = adapter.num_experts(model.config), model_device(model)
 
     encoded, pad_id = encode(items, tokenizer, max_length)
 
     rec = _Recorder(adapter, len(blocks), n_experts, len(items), tcess_threshold, routing_tokens)
-    handles, callbacks = [], {}
-    for pos, (layer, block) in enumerate(blocks):
-        handles.append(adapter.router(block).register_forward_hook(
-            lambda mod, args, out, pos=pos: rec.on_router(pos, mod, out[0])))
-        if pos == 0:
-            handles.append(adapter.router(block).register_forward_pre_hook(
-                lambda mod, args: rec.on_router_input(args[0])))
-        handles.append(adapter.residual_norm(layers[layer]).register_forward_pre_hook(
-            lambda mod, args, pos=pos: rec.on_residual(pos, args[0])))
-        callbacks[adapter.experts(block)] = lambda *a, pos=pos: rec.on_experts(pos, *a)
-
+    callbacks = {adapter.experts(block): (lambda *a, pos=pos: rec.on_experts(pos, *a))
+                 for pos, (_, block) in enumerate(blocks)}
     was_training = model.training
-    model.eval()
     batches = _batches([len(e) for e in encoded], batch_size)
-    try:
-        with hooks(handles), record_experts(model, callbacks):
+    handles: list = []
+    try:  # hooks are registered inside: any failure, even while registering, leaves the model as it was
+        for pos, (layer, block) in enumerate(blocks):
+            handles.append(adapter.router(block).register_forward_hook(
+                lambda mod, args, out, pos=pos: rec.on_router(pos, mod, out[0])))
+            if pos == 0:
+                handles.append(adapter.router(block).register_forward_pre_hook(
+                    lambda mod, args: rec.on_router_input(args[0])))
+            handles.append(adapter.residual_norm(layers[layer]).register_forward_pre_hook(
+                lambda mod, args, pos=pos: rec.on_residual(pos, args[0])))
+        model.eval()
+        with record_experts(model, callbacks):
             for batch in tqdm(batches, desc="profiling", unit="batch", disable=not progress):
                 width = max(len(encoded[i]) for i in batch)
                 ids = torch.tensor([encoded[i] + [pad_id] * (width - len(encoded[i])) for i in batch])
@@ -165,6 +179,8 @@ def profile(
                 rec.prompt_ids = owner.reshape(-1).to(device)
                 model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
     finally:
+        for h in handles:
+            h.remove()
         model.train(was_training)
 
     n_tokens = int(sum(len(e) for e in encoded))
@@ -182,6 +198,7 @@ def profile(
         "groups": adapter.groups(model.config),
         "tcess_threshold": tcess_threshold,
         "max_length": max_length,
+        "n_cut": encoded.cut,
         "moeprune_version": __version__,
         "format_version": PROFILE_FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -37,6 +37,8 @@ _ALIASES = {"freq": "frequency", "easy-ep": "easy_ep", "easyep": "easy_ep", "gat
 
 def criterion_name(name: str) -> str:
     """Canonical criterion name; a clear error for unknown ones."""
+    if not isinstance(name, str):
+        raise MoepruneError(f"criterion must be a name, one of {', '.join(CRITERIA)}; got {name!r}")
     key = _ALIASES.get(name.lower(), name.lower().replace("-", "_"))
     if key not in CRITERIA:
         raise MoepruneError(f"unknown criterion {name!r}; choose one of: {', '.join(CRITERIA)}")
@@ -107,6 +109,8 @@ class Profile:
     # ------------------------------------------------------------ merge
     def merge(self, other: Profile) -> Profile:
         """A profile of both runs: statistics add, signatures concatenate."""
+        if not isinstance(other, Profile):
+            raise MoepruneError(f"a profile merges only with another Profile, got {type(other).__name__}")
         for key in ("fingerprint", "moe_layers", "num_experts", "tcess_threshold"):
             if self.meta.get(key) != other.meta.get(key):
                 raise MoepruneError(
@@ -148,6 +152,8 @@ class Profile:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Profile:
+        if not isinstance(path, (str, os.PathLike)):
+            raise MoepruneError(f"a profile is loaded from a folder path, got {type(path).__name__}")
         path = Path(path)
         if not path.is_dir():
             raise MoepruneError(f"profile folder not found: {path}")

@@ -13,23 +13,45 @@ Prompt = str | list  # text, or a list of chat messages
 
 
 def read_prompts(source: str | os.PathLike | Sequence) -> list[Prompt]:
-    """Prompts from a list or a file; each is a string or a list of chat messages."""
-    if isinstance(source, (str, os.PathLike)) and (isinstance(source, os.PathLike) or _looks_like_path(source)):
+    """Prompts from a list or a file; each is a string or a list of chat messages.
+
+    A `Path` is always a file. A string is a file when it names one that exists, or looks like a
+    prompt file name (no whitespace, ending in .txt, .jsonl or .json); otherwise it is one prompt,
+    so "what is 1/2?" is a question, not a path.
+    """
+    if isinstance(source, os.PathLike) or (isinstance(source, str) and _looks_like_path(source)):
         prompts = _read_file(Path(source))
     elif isinstance(source, str):
+        if not source.strip():
+            raise PromptError("the prompt is empty")
         prompts = [source]
-    else:
+    elif isinstance(source, (list, tuple)):
         prompts = list(source)
         for i, p in enumerate(prompts):
             if not isinstance(p, (str, list)):
                 raise PromptError(f"prompt {i} is a {type(p).__name__}, expected a string or a list of chat messages")
+            if isinstance(p, str) and not p.strip():
+                raise PromptError(f"prompt {i} is empty")
+            if isinstance(p, list):
+                _check_messages(p, f"prompt {i}")
+    else:
+        raise PromptError(f"prompts must be a list of strings or chat-message lists, or a file path; "
+                          f"got {type(source).__name__}")
     if not prompts:
         raise PromptError(f"no prompts in {source if isinstance(source, (str, os.PathLike)) else 'the list'}")
     return prompts
 
 
 def _looks_like_path(s: str) -> bool:
-    return "\n" not in s and (os.sep in s or s.endswith((".txt", ".jsonl", ".json")) or os.path.exists(s))
+    if os.path.exists(s):
+        return True
+    return not any(c.isspace() for c in s) and s.endswith((".txt", ".jsonl", ".json"))
+
+
+def _check_messages(msgs: list, where: str) -> None:
+    if not msgs or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                           for m in msgs):
+        raise PromptError(f"{where}: chat messages must be a non-empty list of {{role, content}} with string values")
 
 
 def _read_file(path: Path) -> list[Prompt]:
@@ -58,8 +80,7 @@ def _jsonl_prompt(line: str, path: Path, n: int) -> Prompt:
         return obj["text"]
     if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
         msgs = obj["messages"]
-        if not msgs or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-            raise PromptError(f"{path}, line {n}: 'messages' must be a non-empty list of {{role, content}}")
+        _check_messages(msgs, f"{path}, line {n}")
         return msgs
     raise PromptError(f"{path}, line {n}: expected an object with a 'text' string or a 'messages' list")
 
@@ -76,10 +97,15 @@ def render(prompt: Prompt, tokenizer) -> str:
 def read_documents(source) -> list[str]:
     """Evaluation texts: a list of strings, a .jsonl file of {"text": ...} lines, or a text file (one document)."""
     if isinstance(source, (list, tuple)):
-        docs = [d for d in source if isinstance(d, str) and d.strip()]
+        bad = [i for i, d in enumerate(source) if not isinstance(d, str)]
+        if bad:
+            raise PromptError(f"evaluation text {bad[0]} is a {type(source[bad[0]]).__name__}, expected a string")
+        docs = [d for d in source if d.strip()]
         if not docs:
             raise PromptError("no evaluation texts in the list")
         return docs
+    if not isinstance(source, (str, os.PathLike)):
+        raise PromptError(f"evaluation data must be a file path or a list of texts, got {type(source).__name__}")
     path = Path(source)
     text = _read_text(path, "data file")
     if path.suffix in (".jsonl", ".json"):
@@ -99,21 +125,35 @@ def read_documents(source) -> list[str]:
 
 
 def encode(prompts: list[Prompt], tokenizer, max_length: int, what: str = "prompt") -> tuple[list[list[int]], int]:
-    """Token ids of each prompt (rendered, truncated to `max_length`) and the id to pad with."""
-    encoded = []
+    """Token ids of each prompt (rendered, cut to `max_length`) and the id to pad with.
+
+    The returned list's `cut` says how many prompts were longer than `max_length`.
+    """
+    encoded = _Encoded()
     for i, p in enumerate(prompts):
-        ids = tokenizer(render(p, tokenizer), truncation=True, max_length=max_length)["input_ids"]
+        ids = tokenizer(render(p, tokenizer), verbose=False)["input_ids"]
         if not ids:
             raise PromptError(f"{what} {i} is empty after tokenisation")
+        if len(ids) > max_length:
+            ids = ids[:max_length]
+            encoded.cut += 1
         encoded.append(ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return encoded, pad
 
 
+class _Encoded(list):
+    """Token ids per prompt, and how many prompts were longer than the limit and cut."""
+
+    cut = 0
+
+
 def _read_text(path: Path, what: str) -> str:
+    if path.is_dir():
+        raise PromptError(f"{what} {path} is a folder; give a .txt or .jsonl file")
     if not path.is_file():
         raise PromptError(f"{what} not found: {path}")
     try:
-        return path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8-sig")  # editors on Windows start UTF-8 files with a BOM
     except UnicodeDecodeError as e:
         raise PromptError(f"{what} {path} is not UTF-8 text: {e}") from None

@@ -20,8 +20,8 @@ from torch import nn
 
 from .errors import MoepruneError
 from .fingerprint import fingerprint_from_parts
-from .models import check_model_path, parse_dtype
-from .pattern import Pattern
+from .models import check_model_path, load_config, parse_dtype
+from .pattern import Pattern, as_pattern
 from .reader import CheckpointReader
 from .routers import get_adapter
 from .routers.base import MoEAdapter
@@ -34,15 +34,6 @@ class LoadReport:
     bytes_read: int = 0
     tensors_read: int = 0
     reads: list = field(default_factory=list)
-
-
-def load_config(path: str):
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(path)
-    except Exception as e:
-        raise MoepruneError(f"cannot load the config of {path}: {str(e).splitlines()[0]}") from None
 
 
 def checkpoint_name(reader: CheckpointReader, name: str, adapter: MoEAdapter) -> str | None:
@@ -79,7 +70,10 @@ def checkpoint_fingerprint(config, routers: dict[str, torch.Tensor], adapter: Mo
 
 def check_pattern(pattern: Pattern, config, adapter: MoEAdapter, fingerprint: str | None) -> None:
     """Refuse a pattern made for another model or one the router cannot realise."""
-    if fingerprint is not None and pattern.fingerprint and pattern.fingerprint != fingerprint:
+    if fingerprint is not None and not pattern.fingerprint:
+        raise MoepruneError("the pattern does not name the model it was made for (no fingerprint), so it cannot "
+                            "be checked against this checkpoint; select it again from a profile of this model")
+    if fingerprint is not None and pattern.fingerprint != fingerprint:
         raise MoepruneError(
             f"the pattern was made for another model (fingerprint {pattern.fingerprint}, this checkpoint "
             f"is {fingerprint}); profile this model and select again"
@@ -214,8 +208,7 @@ def load_slim(
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    if not isinstance(pattern, Pattern):
-        pattern = Pattern.load(pattern)
+    pattern = as_pattern(pattern)
     path = model_folder(model_path)
     config = load_config(path)
     adapter = get_adapter(config)

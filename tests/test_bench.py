@@ -1,5 +1,8 @@
 """Reduced criteria benchmark on the bundled demo model and real text: orderings, not timings."""
 
+import json
+import math
+
 import pytest
 
 from moeprune.bench import BenchConfig, markdown, run_benchmark, summary, write_report
@@ -34,8 +37,22 @@ def test_in_domain_beats_cross_domain(result):
 
 def test_report_files(result, tmp_path):
     write_report(result, tmp_path)
-    for name in ("criteria.md", "criteria.json", "criteria_ratio.png", "pattern_overlap.png"):
-        assert (tmp_path / name).is_file()
-    text = markdown(result)
-    assert "easy_ep" in text and "random" in text
-    assert all(v > 0 for v in summary(result).values())
+    assert json.loads((tmp_path / "criteria.json").read_text()) == json.loads(json.dumps(result))
+    for name in ("criteria_ratio.png", "pattern_overlap.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    cfg = result["config"]
+    for r in result["rows"]:
+        assert r["ratio"] == pytest.approx(r["ppl"] / result["full"][r["domain"]])
+    s = summary(result)
+    md = (tmp_path / "criteria.md").read_text()
+    assert md.strip() == markdown(result).strip()
+    for (criterion, strategy, calib, keep), value in s.items():  # recomputed here from the rows
+        ratios = [r["ratio"] for r in result["rows"]
+                  if (r["criterion"], r["strategy"], r["calib"], r["keep"]) == (criterion, strategy, calib, keep)]
+        per_domain = len(cfg["random_seeds"]) if criterion == "random" else 1
+        assert len(ratios) == len(cfg["domains"]) * per_domain
+        assert value == pytest.approx(math.exp(sum(map(math.log, ratios)) / len(ratios)))
+        if criterion in cfg["criteria"]:
+            assert f"| {criterion} | {strategy} | {value:.3f} |" in md
+    for d in cfg["domains"]:
+        assert f"| {d} | {result['full'][d]:.2f} |" in md

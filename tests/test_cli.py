@@ -41,20 +41,32 @@ def test_profile_inspect_plot(checkpoint, prompt_file, tmp_path, capsys):
     assert "--force" in capsys.readouterr().err
 
 
-def test_errors_are_one_line(tmp_path, prompt_file):
+def _one_line(capfd) -> str:
+    err = capfd.readouterr().err  # file-descriptor level: warnings from any library would show here too
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("moeprune") and "error:" in lines[0], err
+    return lines[0]
+
+
+def test_errors_are_one_line(tmp_path, prompt_file, capfd):
     cases = [
         ["profile", str(tmp_path / "missing"), "--prompts", str(prompt_file), "--domain", "x", "-o", str(tmp_path / "o")],
         ["inspect", str(tmp_path / "missing")],
         ["plot", str(tmp_path), "-o", str(tmp_path / "x.png")],
-        ["select"],  # a usage error is one line too
-        ["store", "info"],
+        ["store", "list", str(tmp_path / "nowhere")],
     ]
     for argv in cases:
-        r = subprocess.run([sys.executable, "-m", "moeprune.cli", *argv], capture_output=True, text=True)
-        assert r.returncode == 2, r.stderr
-        lines = [line for line in r.stderr.splitlines() if line.strip()]
-        assert len(lines) == 1 and lines[0].startswith("moeprune"), r.stderr
-        assert "error:" in lines[0]
+        assert main(argv) == 2, argv
+        _one_line(capfd)
+    for argv in (["select"], ["store", "info"], ["eval", "m", "--data", "d", "--window", "abc"]):
+        with pytest.raises(SystemExit) as e:  # a usage error is one line too
+            main(argv)
+        assert e.value.code == 2
+        _one_line(capfd)
+    # the installed entry point behaves the same in a real process
+    r = subprocess.run([sys.executable, "-m", "moeprune.cli", "inspect", str(tmp_path / "missing")],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "not found" in r.stderr, r.stderr
 
 
 def test_bad_criterion(checkpoint, prompt_file, tmp_path, capsys):

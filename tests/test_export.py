@@ -158,4 +158,5 @@ def test_cli_select_export_inspect(tmp_path, exported, capsys):
     assert "out of range" in capsys.readouterr().err
     glob = tmp_path / "global.json"
     assert main(["select", str(prof), "--keep", "0.5", "--strategy", "global", "-o", str(glob)]) == 0
-    assert main(["export", str(src), "--pattern", str(glob), "-o", str(tmp_path / "g"), "-q"]) in (0, 2)
+    assert main(["export", str(src), "--pattern", str(glob), "-o", str(tmp_path / "g"), "-q"]) == 2
+    assert "strategy='uniform'" in capsys.readouterr().err and not (tmp_path / "g").exists()

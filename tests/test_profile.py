@@ -63,9 +63,15 @@ def test_implementation_restored_on_error(tok):
         moeprune.profile(model, PROMPTS, tokenizer=tok)
     h.remove()
     assert model.config._experts_implementation == "eager"
-    # and profiling on top of the eager implementation works and is exact
-    prof = moeprune.profile(model, PROMPTS[:2], tokenizer=tok)
-    assert prof.stats["frequency"].sum() > 0
+    # profiling on top of the eager implementation records what it records on the grouped kernel
+    eager = moeprune.profile(model, PROMPTS, tokenizer=tok)
+    model.set_experts_implementation("grouped_mm")
+    grouped = moeprune.profile(model, PROMPTS, tokenizer=tok)
+    for key in grouped.stats:
+        torch.testing.assert_close(eager.stats[key], grouped.stats[key], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(eager.hidden_signatures, grouped.hidden_signatures)
+    assert torch.equal(eager.routing, grouped.routing)
+    assert eager.stats["frequency"][0].sum() == eager.n_tokens * get_k(model)
 
 
 def test_criteria_match_hand_computation(tok):

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 import moeprune
 from moeprune import MoepruneError, Pattern, get_adapter, load_slim
+from moeprune.fingerprint import model_fingerprint
 from moeprune.hooks import keep_mask
 from moeprune.reader import CheckpointReader
 
@@ -64,12 +65,24 @@ def test_slim_equals_masked_full(model_type, strategy, checkpoints, tok):
     _compare(full, slim, pattern)
 
 
+def _pattern(full, kept: dict) -> Pattern:
+    return Pattern(kept, {"num_experts": 8, "fingerprint": model_fingerprint(full)})
+
+
+def test_tied_embeddings_stay_tied(checkpoints, tok):
+    folder, full = checkpoints["qwen3_moe_tied"]
+    slim = load_slim(folder, moeprune.profile(full, PROMPTS, tokenizer=tok).select(keep=0.5))
+    assert slim.get_output_embeddings().weight is slim.get_input_embeddings().weight
+    with CheckpointReader(folder) as reader:
+        assert "lm_head.weight" not in reader  # stored once, as on the hub
+    assert not any("lm_head" in name for name, *_ in slim.moeprune_load_report.reads)
+
+
 def test_reads_only_kept_experts(checkpoints):
     folder, full = checkpoints["mixtral"]
     adapter = get_adapter(full)
     rng = random.Random(0)
-    pattern = Pattern({layer: sorted(rng.sample(range(8), 3)) for layer in adapter.moe_layers(full.config)},
-                      {"num_experts": 8, "fingerprint": None})
+    pattern = _pattern(full, {layer: sorted(rng.sample(range(8), 3)) for layer in adapter.moe_layers(full.config)})
     slim = load_slim(folder, pattern)
     report = slim.moeprune_load_report
     with CheckpointReader(folder) as reader:
@@ -102,11 +115,23 @@ def test_fused_checkpoint_layout(tmp_path, checkpoints):
     _, full = checkpoints["qwen3_moe"]
     full.config.save_pretrained(tmp_path)
     save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(tmp_path / "model.safetensors"))
-    pattern = Pattern({layer: [1, 3, 4, 6] for layer in range(3)}, {"num_experts": 8, "fingerprint": None})
+    kept = [1, 3, 4, 6]
+    pattern = _pattern(full, {layer: kept for layer in range(3)})
     slim = load_slim(tmp_path, pattern)
     _compare(full, slim, pattern)
-    rows = {name for name, *_ in slim.moeprune_load_report.reads}
-    assert rows == {"model.safetensors"}
+    # exactly the kept rows of each fused expert tensor (runs of consecutive rows are one read), and
+    # every other tensor whole
+    want = []
+    with CheckpointReader(tmp_path) as reader:
+        for key in reader.keys():  # noqa: SIM118 - the reader has no __iter__
+            e = reader._entry(key)
+            if ".experts." in key:
+                row = e.nbytes // e.shape[0]
+                for first, last in ((1, 1), (3, 4), (6, 6)):
+                    want.append(("model.safetensors", e.start + first * row, (last - first + 1) * row))
+            else:
+                want.append(("model.safetensors", e.start, e.nbytes))
+    assert sorted(slim.moeprune_load_report.reads) == sorted(want)
 
 
 def test_bad_input(tmp_path, checkpoints, tok):
@@ -121,16 +146,20 @@ def test_bad_input(tmp_path, checkpoints, tok):
         load_slim(folder, wrong_weights)
     with pytest.raises(MoepruneError, match="not found"):
         load_slim(tmp_path / "nowhere", wrong_weights)
-    bad = Pattern({0: [0], 1: [0, 1], 2: [0, 1]}, {"num_experts": 8, "fingerprint": None})
+    bad = _pattern(full, {0: [0], 1: [0, 1], 2: [0, 1]})
     with pytest.raises(MoepruneError, match="layer 0.*top-k"):
         load_slim(folder, bad)
+    anonymous = Pattern({0: [0, 1], 1: [0, 1], 2: [0, 1]}, {"num_experts": 8})
+    with pytest.raises(MoepruneError, match="no fingerprint"):
+        load_slim(folder, anonymous)
+    load_slim(folder, anonymous, verify=False)  # the caller vouches for it
 
 
 def test_missing_shard_and_corrupt_header(tmp_path, checkpoints):
     import shutil
 
-    src, _ = checkpoints["qwen2_moe"]  # saved sharded (odd index)
-    pattern = Pattern({1: [0, 1, 2, 3], 2: [0, 1, 2, 3]}, {"num_experts": 8, "fingerprint": None})
+    src, full = checkpoints["qwen2_moe"]  # saved sharded (odd index)
+    pattern = _pattern(full, {1: [0, 1, 2, 3], 2: [0, 1, 2, 3]})
     broken = tmp_path / "broken"
     shutil.copytree(src, broken)
     index = json.loads((broken / "model.safetensors.index.json").read_text())
@@ -149,7 +178,7 @@ def test_missing_shard_and_corrupt_header(tmp_path, checkpoints):
 
 def test_dtype_and_vanilla_class(checkpoints):
     folder, full = checkpoints["qwen3_moe"]
-    pattern = Pattern({layer: [0, 2, 4, 6] for layer in range(3)}, {"num_experts": 8, "fingerprint": None})
+    pattern = _pattern(full, {layer: [0, 2, 4, 6] for layer in range(3)})
     slim = load_slim(folder, pattern, dtype="bfloat16")
     assert next(slim.parameters()).dtype == torch.bfloat16
     assert isinstance(slim, AutoModelForCausalLM._model_mapping[type(full.config)])

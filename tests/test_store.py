@@ -1,13 +1,6 @@
-"""The pattern store: CRUD, search with thresholds and fallback, durability, bad input."""
+"""The pattern store: CRUD, search with thresholds and fallback, bad input (durability: test_durability.py)."""
 
 import json
-import os
-import random
-import signal
-import subprocess
-import sys
-import textwrap
-import time
 
 import pytest
 import torch
@@ -142,61 +135,4 @@ def test_corrupt_entry_is_named(store):
         PatternStore(store.path).rebuild_index()
 
 
-WRITER = textwrap.dedent("""
-    import sys, torch
-    sys.path.insert(0, {tests!r})
-    from test_store import synthetic, onehot
-    from moeprune.store import PatternStore
-    store = PatternStore(sys.argv[1])
-    for i in range(int(sys.argv[3])):
-        name = f"{{sys.argv[2]}}-{{i}}"
-        prof, pat = synthetic(name, onehot(i % 8), seed=i)
-        store.add(name, prof, pat)
-        print("added", name, flush=True)
-""")
-
-
-def _writer(path, prefix, n):
-    code = WRITER.format(tests=os.path.dirname(__file__))
-    return subprocess.Popen([sys.executable, "-c", code, str(path), prefix, str(n)], stdout=subprocess.PIPE,
-                            text=True)
-
-
-def _verify(path, expected):
-    s = PatternStore(path)
-    if not expected and not s.exists():
-        return s  # killed before its first add returned
-    names = set(s.names())
-    assert expected <= names, expected - names
-    info = s.info()
-    assert info["patterns"] == len(names)
-    for n in names:
-        assert s.get(n).pattern.counts == {0: 4, 1: 4}
-    return s
-
-
-def test_kill_9_during_adds_loses_nothing(tmp_path):
-    path = tmp_path / "durable"
-    rng = random.Random(0)
-    added = set()
-    for round_ in range(8):
-        p = _writer(path, f"w{round_}", 50)
-        time.sleep(rng.uniform(2.0, 6.0))
-        p.send_signal(signal.SIGKILL)
-        out, _ = p.communicate()
-        added |= {line.split()[1] for line in out.splitlines() if line.startswith("added")}
-        _verify(path, added)
-    s = _verify(path, added)
-    assert len(added) > 8
-    s.add("after", *synthetic("after", onehot(1)))  # the next writer cleans up and carries on
-    assert not [f for f in s.path.rglob(".*.tmp")]
-
-
-def test_concurrent_writers(tmp_path):
-    path = tmp_path / "shared"
-    procs = [_writer(path, f"p{i}", 6) for i in range(4)]
-    for p in procs:
-        p.communicate()
-        assert p.returncode == 0
-    s = _verify(path, {f"p{i}-{j}" for i in range(4) for j in range(6)})
-    assert len(s) == 24 and s.info()["index_status"] == "ok"
+# Durability (kill -9 during adds, concurrent writers, a crash at every write step): test_durability.py

@@ -29,12 +29,16 @@ FAMILIES: dict[str, dict] = {
                         routed_scaling_factor=2.5, **_MLA),
     "gpt_oss": dict(num_local_experts=8, num_experts_per_tok=2, head_dim=8,
                     layer_types=["sliding_attention", "full_attention", "sliding_attention"]),
+    # the demo model's layout: input and output embeddings are one tensor, stored once
+    "qwen3_moe_tied": dict(model_type="qwen3_moe", num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                           head_dim=8, norm_topk_prob=True, decoder_sparse_step=1, tie_word_embeddings=True),
 }
 
 
-def tiny_config(model_type: str, **overrides):
-    kw = {**COMMON, **FAMILIES[model_type], **overrides}
-    return AutoConfig.for_model(model_type, **kw)
+def tiny_config(name: str, **overrides):
+    """The config of a tiny model of family `name` (a model type, or a variant such as qwen3_moe_tied)."""
+    kw = {**COMMON, **FAMILIES[name], **overrides}
+    return AutoConfig.for_model(kw.pop("model_type", name), **kw)
 
 
 def tiny_model(model_type: str, seed: int = 0, **overrides):

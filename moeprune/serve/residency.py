@@ -26,8 +26,6 @@ on several threads at once.
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 import os
 import threading
 from collections.abc import Iterator
@@ -36,9 +34,10 @@ from pathlib import Path
 
 import torch
 
+from ..budget import resolve_count
 from ..errors import MoepruneError
 from ..models import load_tokenizer, parse_dtype
-from ..pattern import Pattern
+from ..pattern import Pattern, as_pattern
 from ..reader import CheckpointReader
 from ..routers import get_adapter
 from ..slim import (
@@ -59,18 +58,8 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 
 
 def resolve_budget(budget: int | float, n_experts: int, top_k: int) -> int:
-    """Slots per MoE layer for `budget`: an expert count, or a fraction of a layer's experts."""
-    if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
-        raise MoepruneError(f"the expert budget must be a number of experts or a fraction, got {budget!r}")
-    if isinstance(budget, numbers.Integral):
-        slots = int(budget)
-        if not 1 <= slots <= n_experts:
-            raise MoepruneError(f"an expert budget of {slots} is out of range: a layer has {n_experts} experts, "
-                                f"so give between top-k = {top_k} and {n_experts}")
-    else:
-        if not 0 < budget <= 1:
-            raise MoepruneError(f"a fractional expert budget must be in (0, 1], got {budget}")
-        slots = math.ceil(float(budget) * n_experts - 1e-9)
+    """Slots per MoE layer for `budget`: an expert count, or a fraction of a layer's experts (rounded up)."""
+    slots = resolve_count(budget, n_experts, "the expert budget")
     if slots < top_k:
         raise MoepruneError(f"an expert budget of {slots} slots per layer is below top-k = {top_k}: "
                             f"every token is routed to {top_k} experts")
@@ -84,8 +73,6 @@ def _load_tokenizer(path: str):
     return load_tokenizer(path)
 
 
-def _as_pattern(pattern: Pattern | str | os.PathLike) -> Pattern:
-    return pattern if isinstance(pattern, Pattern) else Pattern.load(pattern)
 
 
 @dataclass
@@ -277,7 +264,7 @@ class ExpertPool:
 
     def activate(self, pattern: Pattern | str | os.PathLike) -> Lease:
         """Make `pattern`'s experts resident and pin them until the returned lease is released."""
-        pattern = _as_pattern(pattern)
+        pattern = as_pattern(pattern)
         self._check(pattern)
         with self._lock:
             self._check_open()
@@ -393,7 +380,7 @@ class ExpertPool:
                 raise MoepruneError("this lease was released: activate the pattern again")
             routes = lease._routes
         else:
-            pattern = _as_pattern(pattern_or_lease)
+            pattern = as_pattern(pattern_or_lease)
             self._check(pattern)
             with self._lock:
                 self._check_open()

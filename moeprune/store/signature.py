@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import MoepruneError
+from ..models import context_length, model_device
 from ..prompts import Prompt, encode
 from ..routers import get_adapter
 
@@ -50,8 +51,9 @@ def embed(model: nn.Module, tokenizer, texts: list[Prompt], kind: str = "router"
     adapter = get_adapter(model)
     _, block = adapter.blocks(model)[0]
     router = adapter.router(block)
-    device = next(model.parameters()).device
-    encoded, pad = encode(texts, tokenizer, max_length, what="query")
+    device = model_device(model)
+    ctx = context_length(model.config)
+    encoded, pad = encode(texts, tokenizer, min(max_length, ctx) if ctx else max_length, what="query")
     captured: dict[str, torch.Tensor] = {}
 
     owner = threading.get_ident()

@@ -20,6 +20,7 @@ import datetime as _dt
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 from collections.abc import Iterator
@@ -31,7 +32,9 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from .._io import atomic_write_bytes, atomic_write_json
+from .. import _faults
+from .._io import atomic_write_bytes, atomic_write_json, ensure_dir, format_bytes, fsync_dir
+from ..budget import check_budget, resolve_count
 from ..errors import FormatVersionError, MoepruneError
 from ..pattern import Pattern
 from ..profiles import STATS, Profile
@@ -42,7 +45,7 @@ STORE_FORMAT = 1
 FLAT_LIMIT = 50_000  # above this many vectors the index is approximate (HNSW)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 AUTO_QUANTILE = 0.02  # a pattern's threshold: this quantile of its own demonstrations' leave-one-out similarity
-AUTO_SLACK = 0.9  # ... times this, so that held-out text of the same task still clears it
+AUTO_SLACK = 0.9  # ... loosened by 10% of its size, so that held-out text of the same task still clears it
 MIN_DEMOS_FOR_AUTO = 4
 
 
@@ -148,9 +151,10 @@ class PatternStore:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        """Exclusive writer lock across processes; cleans up what killed writers left behind."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        """Exclusive writer lock across processes; first repairs what killed writers left behind."""
+        ensure_dir(self.path)
+        # 0o666 & ~umask like any new file: writers of other users sharing the store must open it too
+        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             self._clean_leftovers()
@@ -160,16 +164,35 @@ class PatternStore:
             os.close(fd)
 
     def _clean_leftovers(self) -> None:
+        """Finish or undo what a killed writer left (called under the lock: no writer is live)."""
+        changed = False
         for folder in (self.path, self.entries_dir):
             if not folder.is_dir():
                 continue
             for f in folder.iterdir():
-                if f.name.startswith(".") and f.name.endswith(".tmp"):
-                    f.unlink(missing_ok=True)
-        if self.entries_dir.is_dir():  # tensors whose JSON never landed: an add that did not return
-            for f in self.entries_dir.glob("*.safetensors"):
-                if not f.with_suffix(".json").exists():
-                    f.unlink(missing_ok=True)
+                if f.name.startswith(".") and f.name.endswith(".tmp") and not f.is_dir():
+                    _removed(f)
+                    changed = True
+        if not self.entries_dir.is_dir():
+            return
+        # A replacement's tensors wait under a hidden name until its JSON (the commit point) lands:
+        # with the new JSON in place they belong to it and go in; otherwise the add never happened.
+        for f in self.entries_dir.glob(f".*{_PENDING}"):
+            name = f.name[1 : -len(_PENDING)]
+            target = self.entries_dir / f"{name}.safetensors"
+            if _committed_sha(self.entries_dir / f"{name}.json") == hashlib.sha256(f.read_bytes()).hexdigest():
+                os.replace(f, target)
+                log.warning("completed the replacement of store entry %r that an interrupted run left half done",
+                            name)
+            else:
+                _removed(f)
+            changed = True
+        for f in self.entries_dir.glob("*.safetensors"):  # tensors whose JSON never landed: an add that did not return
+            if not f.with_suffix(".json").exists():
+                _removed(f)
+                changed = True
+        if changed:
+            fsync_dir(self.entries_dir)
 
     # ------------------------------------------------------------------ entries
     def _entry_files(self) -> list[Path]:
@@ -188,21 +211,47 @@ class PatternStore:
 
     def _read_entry_json(self, f: Path) -> dict:
         try:
-            return json.loads(f.read_text())
+            data = json.loads(f.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise MoepruneError(f"store entry {f} is corrupt ({e}); remove it with "
                                 f"`moeprune store remove {self.path} {f.stem}`") from None
+        if not isinstance(data, dict):
+            raise MoepruneError(f"store entry {f} is corrupt (not a JSON object); remove it with "
+                                f"`moeprune store remove {self.path} {f.stem}`")
+        return data
 
     def get(self, name: str) -> Entry:
+        """One stored pattern, validated against the store: ids in range, the store's model and layers."""
         f = self.entries_dir / f"{check_name(name)}.json"
         if not f.is_file():
+            self.manifest  # noqa: B018 - a missing store says so, not "no pattern named"
             known = ", ".join(self.names()) or "none"
             raise MoepruneError(f"no pattern named {name!r} in store {self.path} (stored: {known})")
         data = self._read_entry_json(f)
-        return Entry(name, Pattern.from_dict(data["pattern"], str(f)), {k: v for k, v in data.items()
-                                                                        if k != "pattern"})
+        fix = f"; remove it with `moeprune store remove {self.path} {name}`"
+        if not isinstance(data.get("pattern"), dict):
+            raise MoepruneError(f"store entry {f} is incomplete (no 'pattern' object){fix}")
+        try:
+            pattern = Pattern.from_dict(data["pattern"], f"store entry {f}")
+        except MoepruneError as e:
+            raise MoepruneError(f"{e}{fix}") from None
+        m = self._manifest_cached()
+        if pattern.fingerprint != m["fingerprint"]:
+            raise MoepruneError(f"store entry {f} is a pattern of another model ({pattern.fingerprint}, the store "
+                                f"holds {m['fingerprint']}){fix}")
+        if pattern.num_experts != m.get("num_experts", pattern.num_experts):
+            raise MoepruneError(f"store entry {f} is for {pattern.num_experts} experts per layer, the store's model "
+                                f"has {m['num_experts']}{fix}")
+        if pattern.layers != list(m.get("moe_layers", pattern.layers)):
+            raise MoepruneError(f"store entry {f} covers MoE layers {pattern.layers}, the store's model has "
+                                f"{m['moe_layers']}{fix}")
+        if not isinstance(data.get("n_demonstrations"), int) or not isinstance(data.get("profile"), dict):
+            raise MoepruneError(f"store entry {f} is incomplete (no 'n_demonstrations' or 'profile'){fix}")
+        return Entry(name, pattern, {k: v for k, v in data.items() if k != "pattern"})
 
     def list(self) -> list[Entry]:
+        """Every stored pattern (an error for a folder that is not a store, or a corrupt entry)."""
+        self.manifest  # noqa: B018 - validates that this is a store at all
         return [self.get(n) for n in self.names()]
 
     def profile(self, name: str) -> Profile:
@@ -265,14 +314,31 @@ class PatternStore:
             if name in self and not replace:
                 raise MoepruneError(f"a pattern named {name!r} is already in store {self.path}; "
                                     "pass replace=True (--replace) to overwrite it")
-            self.entries_dir.mkdir(exist_ok=True)
-            atomic_write_bytes(self.entries_dir / f"{name}.safetensors", blob)
+            ensure_dir(self.entries_dir)
             entry = {"name": name, "domain": domain or profile.domain, "created": _now(), "tags": tags or {},
                      "n_demonstrations": int(sigs.shape[0]), "tensors_sha256": hashlib.sha256(blob).hexdigest(),
                      "profile": profile.meta, "pattern": pattern.to_dict()}
-            atomic_write_json(self.entries_dir / f"{name}.json", entry)  # the commit point
+            json_path, tensors_path = self.entries_dir / f"{name}.json", self.entries_dir / f"{name}.safetensors"
+            if json_path.exists():
+                # Replacing: the old JSON must never meet the new tensors (a crash between two renames
+                # would leave an entry whose tensors fail its checksum), so they wait under a hidden
+                # name that _clean_leftovers moves in, or drops, after a crash.
+                pending = self.entries_dir / f".{name}{_PENDING}"
+                atomic_write_bytes(pending, blob)
+                _faults.point("store.add: replacement tensors written")
+                atomic_write_json(json_path, entry)  # the commit point
+                _faults.point("store.add: committed")
+                os.replace(pending, tensors_path)
+                fsync_dir(self.entries_dir)
+                _faults.point("store.add: replacement tensors in place")
+            else:
+                atomic_write_bytes(tensors_path, blob)
+                _faults.point("store.add: tensors written")
+                atomic_write_json(json_path, entry)  # the commit point
+                _faults.point("store.add: committed")
             if rebuild:
                 self._rebuild_locked()
+                _faults.point("store.add: index rebuilt")
         return self.get(name)
 
     def remove(self, name: str) -> None:
@@ -281,16 +347,21 @@ class PatternStore:
             if name not in self:
                 raise MoepruneError(f"no pattern named {name!r} in store {self.path}")
             (self.entries_dir / f"{name}.json").unlink()  # the commit point
+            _faults.point("store.remove: committed")
             (self.entries_dir / f"{name}.safetensors").unlink(missing_ok=True)
+            fsync_dir(self.entries_dir)  # the removal survives a power cut before we say it is done
+            _faults.point("store.remove: tensors removed")
             self._rebuild_locked()
+            _faults.point("store.remove: index rebuilt")
 
     def set_options(self, threshold: float | str | None = None, expert_budget: float | int | None = None) -> None:
         """Change the store's default search threshold ('auto' or a cosine) and fallback expert budget."""
+        threshold = check_threshold(threshold)
+        if expert_budget is not None:
+            check_budget(expert_budget, "expert_budget")
         with self._locked():
             m = self.manifest
             if threshold is not None:
-                if threshold != "auto" and not (isinstance(threshold, (int, float)) and -1 <= threshold <= 1):
-                    raise MoepruneError(f"threshold must be 'auto' or a cosine in [-1, 1], got {threshold!r}")
                 m["threshold"] = threshold
             if expert_budget is not None:
                 m["expert_budget"] = expert_budget
@@ -331,14 +402,14 @@ class PatternStore:
     def _rebuild_locked(self) -> dict:
         checksum = self._checksum()  # before reading the vectors: a later change makes the index stale
         index, meta = self._build()
-        tmp = self.path / ".index.faiss.tmp"
-        faiss.write_index(index, str(tmp))
-        data = tmp.read_bytes()
-        tmp.unlink()
+        data = faiss.serialize_index(index).tobytes()  # in memory: no temporary file of faiss's own to leave behind
+        # index.faiss first: a crash before index.json lands leaves a checksum mismatch, which is rebuilt
         atomic_write_bytes(self.path / "index.faiss", data)
+        _faults.point("store.rebuild: index.faiss written")
         meta = {"format_version": STORE_FORMAT, "checksum": checksum,
                 "faiss_sha256": hashlib.sha256(data).hexdigest(), **meta, "built": _now()}
         atomic_write_json(self.path / "index.json", meta)
+        _faults.point("store.rebuild: index.json written")
         self._use(index, meta, "fresh")
         return meta
 
@@ -433,11 +504,21 @@ class PatternStore:
 
     def search_many(self, queries: list, model=None, tokenizer=None, k: int = 16,
                     threshold: float | str | None = None, expert_budget: float | int | None = None) -> list[Match]:
+        if isinstance(queries, (str, torch.Tensor)) or not isinstance(queries, (list, tuple)):
+            raise MoepruneError(f"search_many takes a list of queries, got {type(queries).__name__}")
         if not queries:
             raise MoepruneError("no queries to search")
         for q in queries:
             if isinstance(q, str) and not q.strip():
                 raise MoepruneError("the query is empty")
+            if not isinstance(q, (str, list, torch.Tensor)):
+                raise MoepruneError(f"a query is text, a list of chat messages or a signature vector, "
+                                    f"got {type(q).__name__}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise MoepruneError(f"k (neighbouring demonstrations that vote) must be an integer >= 1, got {k!r}")
+        threshold = check_threshold(threshold)
+        if expert_budget is not None:
+            resolve_count(expert_budget, self._manifest_cached()["num_experts"], "expert_budget")
         if self._index is None or self._seen != self._entries_stamp():
             self._load_index()
         meta = self._index_meta
@@ -452,14 +533,19 @@ class PatternStore:
             if fp is None:
                 fp = _safe_fingerprint(model)
                 model.moeprune_source_fingerprint = fp  # hashing the routers once per model is enough
-            if fp != self._manifest_cached()["fingerprint"]:
+            m = self._manifest_cached()
+            if fp != m["fingerprint"]:
                 raise MoepruneError(f"the model ({fp}) is not the one this store's patterns belong to "
-                                    f"({self.manifest['fingerprint']})")
+                                    f"({m['fingerprint']}), nor a slim or exported model made from it")
+            if self.signature == "router" and _router_rows(model) != m.get("num_experts", _router_rows(model)):
+                raise MoepruneError("this store indexes router signatures, which need the full router; this model "
+                                    "holds a pruned one: search with the full model, or use a store of hidden-state "
+                                    "signatures (the default)")
             vecs = self.embed(list(queries), model, tokenizer).numpy()
         if vecs.shape[1] != len(meta["mean"]):
             raise MoepruneError(f"query signature has dimension {vecs.shape[1]}, the store's is {len(meta['mean'])}")
         vecs = _normalise(vecs - np.asarray(meta["mean"], dtype=np.float32))
-        k = max(1, min(k, meta["n_vectors"]))
+        k = min(k, meta["n_vectors"])  # asking for more neighbours than stored demonstrations is fine
         sims, rows = self._index.search(vecs, k)
         owner = meta.get("_owner")
         if owner is None:  # row -> pattern number, computed once per loaded index
@@ -490,7 +576,7 @@ class PatternStore:
             return Match(self._pattern(best), best, fell_back=False, reason="matched", **common)
         top = [n for n in ranked[:3] if votes[n] > 0] or [best]
         union = self._pattern(top[0]).union(*[self._pattern(n) for n in top[1:]])
-        limit = _budget_count(budget, union.num_experts)
+        limit = None if budget is None else resolve_count(budget, union.num_experts, "expert_budget")
         if limit is None or max(union.counts.values()) <= limit:
             return Match(union, None if len(top) > 1 else best, fell_back=True,
                          reason=f"no stored pattern is close enough; serving the union of {', '.join(top)}", **common)
@@ -502,23 +588,50 @@ class PatternStore:
 
 
 _DEFAULT_THRESHOLD = 0.5
+_PENDING = ".safetensors.pending"  # entries/.<name>.safetensors.pending: a replacement's tensors before its commit
+log = logging.getLogger("moeprune")
+
+
+def _committed_sha(json_path: Path) -> str | None:
+    """The tensors checksum an entry's JSON commits to; None if there is no readable JSON."""
+    try:
+        return json.loads(json_path.read_text()).get("tensors_sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _removed(f: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        size = f.stat().st_size
+        f.unlink()
+        log.warning("removed %s, left by an interrupted run (%s)", f, format_bytes(size))
 
 
 def _safe_fingerprint(model) -> str | None:
-    from ..fingerprint import model_fingerprint
+    from ..fingerprint import source_fingerprint
 
     try:
-        return model_fingerprint(model)
-    except Exception:  # a slim model's routers are sliced: its fingerprint is not the source's
+        return source_fingerprint(model)
+    except MoepruneError:
+        raise
+    except Exception:  # not a model moeprune can identify: it cannot match any store
         return None
 
 
-def _budget_count(budget, n_experts: int) -> int | None:
-    if budget is None:
-        return None
-    if isinstance(budget, float) and 0 < budget <= 1:
-        return max(1, round(budget * n_experts))
-    return int(budget)
+def _router_rows(model) -> int:
+    from ..routers import get_adapter
+
+    adapter = get_adapter(model)
+    return int(adapter.router(adapter.blocks(model)[0][1]).weight.shape[0])
+
+
+def check_threshold(threshold: object) -> float | str | None:
+    """None (the store's default), 'auto', or a cosine similarity in [-1, 1]."""
+    if threshold is None or threshold == "auto":
+        return threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not -1 <= threshold <= 1:
+        raise MoepruneError(f"threshold must be 'auto' or a cosine similarity in [-1, 1], got {threshold!r}")
+    return float(threshold)
 
 
 def _normalise(v: np.ndarray) -> np.ndarray:
@@ -549,5 +662,6 @@ def _auto_thresholds(vecs: np.ndarray, counts: list[int], names: list[str]) -> d
         sims = v @ v.T
         np.fill_diagonal(sims, -np.inf)
         loo = sims.max(1)
-        out[name] = float(np.quantile(loo, AUTO_QUANTILE) * AUTO_SLACK)
+        q = float(np.quantile(loo, AUTO_QUANTILE))
+        out[name] = q - (1 - AUTO_SLACK) * abs(q)  # slack always loosens, also for a negative quantile
     return out
