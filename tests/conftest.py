@@ -19,3 +19,17 @@ def shared_corpora():
     if not path.is_dir():
         pytest.skip("../shared/corpora is not available")
     return path
+
+
+@pytest.fixture
+def store(tmp_path):
+    """A router-signature store of three synthetic patterns (code, bible, legal) around one-hot centres."""
+    from test_store import onehot, synthetic
+
+    from moeprune.store import PatternStore
+
+    s = PatternStore(tmp_path / "store", signature="router")
+    for i, d in enumerate(["code", "bible", "legal"]):
+        prof, pat = synthetic(d, onehot(i), seed=i)
+        s.add(d, prof, pat)
+    return s

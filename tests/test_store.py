@@ -30,15 +30,6 @@ def onehot(i, scale=1.0):
     return v
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = PatternStore(tmp_path / "store", signature="router")
-    for i, d in enumerate(["code", "bible", "legal"]):
-        prof, pat = synthetic(d, onehot(i), seed=i)
-        s.add(d, prof, pat)
-    return s
-
-
 def test_add_get_list_remove(store, tmp_path):
     assert store.names() == ["bible", "code", "legal"] and len(store) == 3
     entry = store.get("code")

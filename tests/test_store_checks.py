@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_store import DIM, E, onehot, store  # noqa: F401 - the fixture of three stored patterns
+from test_store import DIM, E, onehot
 
 import moeprune.store.store as store_module
 from moeprune import MoepruneError
