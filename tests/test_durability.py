@@ -184,6 +184,25 @@ def test_demo_refuses_a_non_empty_folder_before_any_work(tmp_path, monkeypatch):
 
 
 # ============================================================== leftovers of killed runs
+def test_fault_switch(monkeypatch):
+    import importlib
+
+    from moeprune import _faults
+
+    monkeypatch.setenv("MOEPRUNE_FAULT_AT", "3")
+    try:
+        importlib.reload(_faults)  # the variable is read once, at import
+        assert _faults._armed == 3
+    finally:
+        monkeypatch.delenv("MOEPRUNE_FAULT_AT")
+        importlib.reload(_faults)
+    assert _faults._armed == 0
+    _faults.point("disarmed: nothing happens")
+    assert _faults.reached() == 0
+    with pytest.raises(ValueError):
+        _faults.arm(-1)
+
+
 def _run_folder(parent: Path, name: str, run: str, lock: str | None, age: float = 0) -> Path:
     """What a writer of `name` killed mid-run leaves: `.name.run.tmp` with its lock file (or none)."""
     tmp = parent / f".{name}.{run}.tmp"
@@ -199,7 +218,8 @@ def _run_folder(parent: Path, name: str, run: str, lock: str | None, age: float 
     return tmp
 
 
-def test_leftovers_of_killed_runs_are_removed(tmp_path, caplog):
+def test_leftovers_of_killed_runs_are_removed(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(io, "STALE_AGE_S", 3600.0)  # "young" must not depend on how fast this machine is
     target = tmp_path / "out"
     dead = _run_folder(tmp_path, "out", "dead0001", "inside")
     dead_beside = _run_folder(tmp_path, "out", "dead0002", "beside")
@@ -243,6 +263,19 @@ def test_a_folder_moved_aside_by_a_killed_run_comes_back(tmp_path, caplog):
     (tmp_path / ".out.run00001.lock").touch()
     check_output_dir(target, force=True)
     assert not old.exists() and (target / "config.json").read_text() == "previous"
+
+
+def test_a_live_writer_is_left_alone(tmp_path):
+    target = tmp_path / "out"
+    with atomic_dir(target) as tmp:
+        (tmp / "a.txt").write_text("1")
+        t = time.time() - 10 * io.STALE_AGE_S  # even one that looks old: its writer holds the lock
+        os.utime(tmp, (t, t))
+        check_output_dir(target, force=True)  # another run of the same output starts meanwhile
+        assert tmp.is_dir()
+        (tmp / "b.txt").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["a.txt", "b.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
 def test_failed_body_leaves_nothing(tmp_path):
@@ -316,6 +349,7 @@ def report(tmp_path_factory):
 
 
 def _assert_crash_runs(result: dict, min_points: int, labels: tuple[str, ...]):
+    assert "error" not in result, result.get("error")
     runs = result["runs"]
     assert runs[-1]["outcome"] == "completed", runs[-1]
     assert all(r["outcome"] == "crashed" for r in runs[:-1]), [r for r in runs if r["outcome"] not in
@@ -356,12 +390,14 @@ def test_export_crash_at_every_write_step(report, scenario):
 
 
 def test_export_modes_follow_the_umask(report):
+    assert "error" not in report["export"], report["export"].get("error")
     modes = report["export"]["modes"]
     assert modes.pop(".") == 0o750 and set(modes.values()) == {0o640}, modes
 
 
 def test_kill_9_during_adds_loses_nothing(report):
     result = report["kill"]
+    assert "error" not in result, result.get("error")
     assert [r["signal"] for r in result["rounds"]] == [signal.SIGKILL, signal.SIGKILL], result
     assert all(r["acked"] >= r["kill_after"] for r in result["rounds"]), result
     assert not result["problems"], "\n".join(result["problems"])
@@ -369,6 +405,7 @@ def test_kill_9_during_adds_loses_nothing(report):
 
 def test_concurrent_writers(report):
     result = report["concurrent"]
+    assert "error" not in result, result.get("error")
     assert result["exit_codes"] == [0, 0, 0, 0], result
     assert not result["problems"], "\n".join(result["problems"])
 
@@ -530,6 +567,8 @@ def _next_writer(path: Path) -> list[str]:
     if info["index_status"] != "ok" or "next" not in s.names():
         problems.append(f"after the next writer: {info}")
     left = sorted(str(p.relative_to(path)) for p in path.rglob(".*") if p.name != ".lock")
+    left += sorted(f"entries/{p.name} (no JSON)" for p in (path / "entries").glob("*.safetensors")
+                   if not p.with_suffix(".json").exists())
     if left:
         problems.append(f"the next writer left {left}")
     return problems
@@ -643,7 +682,7 @@ def _export_scenarios(root: Path, warnings: list[str]) -> dict:
                 not (work / left[0] / ".moeprune-writer.lock").exists()
             if not young:
                 problems.append(f"left behind: {left}")
-            t = time.time() - 120
+            t = time.time() - 2 * io.STALE_AGE_S
             for name in left:
                 os.utime(work / name, (t, t))
             check_output_dir(target, force=True)
@@ -711,7 +750,8 @@ def _kill_scenario(root: Path) -> dict:
         status = os.waitpid(pid, 0)[1]
         seen = [line.split()[1] for line in data.decode().splitlines() if line.startswith("added ")]
         acked += seen
-        rounds.append({"acked": len(seen), "kill_after": kill_after, "timed_out": timed_out,
+        left = sorted(p.name for p in path.rglob(".*") if p.name != ".lock")  # where the kill landed
+        rounds.append({"acked": len(seen), "kill_after": kill_after, "timed_out": timed_out, "left": left,
                        "signal": os.WTERMSIG(status) if os.WIFSIGNALED(status) else None})
         may.update({f"w{round_}-{i}": [synthetic("x", onehot(0), seed=i)[1].kept] for i in range(60)})
         must = {n: may[n] for n in acked}
@@ -760,6 +800,17 @@ def _concurrent_scenario(root: Path) -> dict:
     return {"exit_codes": codes, "problems": problems}
 
 
+def _run_jobs(jobs: dict) -> dict:
+    """Each job's result, or the error it raised (reported by the test that reads it)."""
+    out = {}
+    for name, job in jobs.items():
+        try:
+            out[name] = job()
+        except Exception:
+            out[name] = {"error": traceback.format_exc()}
+    return out
+
+
 def _in_two_processes(first: dict, second: dict) -> dict:
     """Run the jobs of `second` in a forked process while this one runs `first` (two cores)."""
     r, w = os.pipe()
@@ -768,7 +819,7 @@ def _in_two_processes(first: dict, second: dict) -> dict:
         code = 1
         try:
             os.close(r)
-            out = {name: job() for name, job in second.items()}
+            out = _run_jobs(second)
             code = 0
         except BaseException:
             out = {"error": traceback.format_exc()}
@@ -777,7 +828,7 @@ def _in_two_processes(first: dict, second: dict) -> dict:
                 f.write(json.dumps(out).encode())
             os._exit(code)
     os.close(w)
-    results = {name: job() for name, job in first.items()}
+    results = _run_jobs(first)
     data, timed_out = _read_until_eof(r, 500.0, pid)
     os.close(r)
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
@@ -791,6 +842,7 @@ def _worker(root: Path) -> dict:
     # The crashes here end processes, not the machine: the page cache survives them, so fsync changes
     # nothing these tests can observe, and at a few ms per call it would dominate their run time.
     os.fsync = lambda fd: None
+    io.STALE_AGE_S = 3600.0  # a folder made just before a crash stays "young" however slow this machine is
     warnings: list[str] = []
 
     class Collect(logging.Handler):

@@ -33,9 +33,10 @@ def _start(store_path, port, *extra):
                              str(store_path), "--port", str(port), "--expert-budget", str(BUDGET), *extra],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
+    deadline = time.monotonic() + 300  # a loaded machine takes long to import torch; a dead server says so at once
+    while time.monotonic() < deadline:
         try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
                 return proc, url
         except httpx.HTTPError:
             time.sleep(0.2)
@@ -43,6 +44,13 @@ def _start(store_path, port, *extra):
             raise RuntimeError(proc.stdout.read())
     proc.kill()
     raise RuntimeError("server did not start")
+
+
+def _wait_idle(url: str) -> None:
+    deadline = time.monotonic() + 300
+    while httpx.get(f"{url}/health", timeout=60).json()["queue"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert httpx.get(f"{url}/health", timeout=60).json()["queue"] == 0
 
 
 @pytest.fixture(scope="module")
@@ -179,30 +187,29 @@ def test_queue_full_then_recovers(server, client):
     threads = [threading.Thread(target=call) for _ in range(10)]
     for t in threads:
         t.start()
-    t0 = time.perf_counter()
-    health = httpx.get(f"{server['url']}/health", timeout=10)  # generation runs off the event loop
-    assert health.status_code == 200 and time.perf_counter() - t0 < 2.0
+    # generation runs off the event loop: /health answers while requests are still in the queue
+    busy = []
+    while any(t.is_alive() for t in threads) and not busy:
+        busy = [q for q in [httpx.get(f"{server['url']}/health", timeout=60).json()["queue"]] if q > 0]
     for t in threads:
         t.join()
+    assert busy, "/health never answered while requests were queued or running"
     assert 429 in statuses and 200 in statuses and set(statuses) <= {200, 429}
     assert client.completions.create(model="demo_model", prompt="after the storm", max_tokens=2).usage
 
 
 def test_client_disconnect_mid_stream(server, client):
     h = {"Authorization": f"Bearer {KEY}"}
-    with httpx.stream("POST", f"{server['url']}/v1/completions", headers=h, timeout=60,
+    before = _metric(server, "moeprune_generations_stopped_early")
+    with httpx.stream("POST", f"{server['url']}/v1/completions", headers=h, timeout=120,
                       json={"prompt": "def f(x):", "max_tokens": 400, "temperature": 0, "stream": True}) as r:
         for line in r.iter_lines():
             if line.startswith("data:"):
                 break  # one chunk, then hang up
-    t0 = time.time()
     assert client.completions.create(model="demo_model", prompt="next", max_tokens=2).usage
-    assert time.time() - t0 < 30
-    for _ in range(50):
-        if httpx.get(f"{server['url']}/health").json()["queue"] == 0:
-            break
-        time.sleep(0.1)
-    assert httpx.get(f"{server['url']}/health").json()["queue"] == 0
+    _wait_idle(server["url"])
+    # the generation stopped because the client left: before its 400 tokens and before end-of-text
+    assert _metric(server, "moeprune_generations_stopped_early") == before + 1
 
 
 def _metric(server, name):

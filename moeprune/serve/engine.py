@@ -100,6 +100,7 @@ class Engine:
         self._busy = 0
         self._stop = threading.Event()
         self.batch_sizes: list[int] = []  # recent batch sizes, for /metrics
+        self.stopped_early = 0  # generations cut short because their client went away, for /metrics
         self._thread = threading.Thread(target=self._run, name="moeprune-generate", daemon=True)
         self._thread.start()
         pad = tokenizer.pad_token_id
@@ -202,6 +203,8 @@ class Engine:
         eos = self.tokenizer.eos_token_id
         for row, job in enumerate(batch):
             new = out[row, width:].tolist()
+            if job.cancelled.is_set() and len(new) < job.max_tokens and (eos is None or eos not in new):
+                self.stopped_early += 1
             if eos is not None and eos in new:
                 new, finish = new[: new.index(eos)], "stop"
             else:

@@ -64,6 +64,8 @@ def _metrics():
         "queue": Gauge("moeprune_queue_depth", "Requests waiting or running", registry=reg),
         "latency": Histogram("moeprune_request_latency_seconds", "Request latency", ["endpoint"], registry=reg),
         "batch": Gauge("moeprune_mean_batch_size", "Mean requests per generate call (last 1000)", registry=reg),
+        "stopped": Gauge("moeprune_generations_stopped_early",
+                         "Generations cut short because the client went away", registry=reg),
     }
 
 
@@ -122,6 +124,7 @@ def create_app(pool: ExpertPool, store, config: ServeConfig):
         metrics["queue"].set(engine.depth)
         sizes = engine.batch_sizes
         metrics["batch"].set(sum(sizes) / len(sizes) if sizes else 0)
+        metrics["stopped"].set(engine.stopped_early)
         return PlainTextResponse(generate_latest(metrics["registry"]).decode(),
                                  media_type="text/plain; version=0.0.4")
 
