@@ -17,7 +17,7 @@ def _cmd_profile(args) -> int:
     from ._io import check_output_dir
     from .profiler import profile
 
-    out = check_output_dir(args.output, force=args.force, protect=[args.model], what="profile folder")
+    out = check_output_dir(args.output, force=args.force, protect=_local(args.model), what="profile folder")
     prof = profile(
         args.model, Path(args.prompts), domain=args.domain, batch_size=args.batch_size, max_length=args.max_length,
         tcess_threshold=args.tcess_threshold, dtype=args.dtype, progress=not args.quiet,
@@ -30,6 +30,11 @@ def _cmd_profile(args) -> int:
     print(f"profiled {prof.n_prompts} prompts ({prof.n_tokens} tokens) over {len(prof.moe_layers)} MoE layers "
           f"x {prof.num_experts} experts -> {out}")
     return 0
+
+
+def _local(model: str) -> list[str]:
+    """The model folder to protect from an output path (a hub id names no local folder)."""
+    return [model] if Path(model).exists() else []
 
 
 def _load_artefact(path: str):
@@ -91,7 +96,7 @@ def _cmd_export(args) -> int:
 
     if bool(args.pattern) == bool(args.profile):
         raise MoepruneError("give exactly one of --pattern FILE or --profile DIR (with --keep)")
-    check_output_dir(args.output, force=args.force, protect=[args.model], what="export folder")
+    check_output_dir(args.output, force=args.force, protect=_local(args.model), what="export folder")
     if args.pattern:
         pattern = Pattern.load(args.pattern)
     else:

@@ -6,8 +6,9 @@ torch and faiss are imported once; with one OpenMP thread, forking it is safe. F
 operation the helper forks a child armed (`moeprune._faults`) to crash at fault point n = 1, 2, ...
 (`os._exit`: no clean-up runs, the kernel drops its locks, as after `kill -9`) until the operation
 completes, and after each crash checks what is on disk and that the next run repairs it. It also
-kills real writers with SIGKILL once they have acknowledged adds, and runs concurrent writers. It
-prints one JSON report; the tests below assert on it.
+kills real writers with SIGKILL once they have acknowledged adds, and runs concurrent writers. Its
+jobs are split over itself and one forked copy (two cores); it prints one JSON report, and the
+tests below assert on it.
 """
 
 from __future__ import annotations
@@ -384,7 +385,7 @@ def test_export_crash_at_every_write_step(report, scenario):
     _assert_crash_runs(result, 10, ("export: model-00001-of-", "atomic_dir: temporary folder made",
                                     "atomic_dir: renamed into place", "write pattern.json: renamed into place"))
     if scenario == "replace":  # the crash between the two renames really happened, and was undone
-        assert any(r["label"].endswith("previous folder moved aside") and r["target"] == "absent"
+        assert any((r["label"] or "").endswith("previous folder moved aside") and r["target"] == "absent"
                    and r["recovered"] == "previous" for r in result["runs"])
     assert result["warned"]  # the next run said what it removed
 
@@ -411,7 +412,7 @@ def test_concurrent_writers(report):
 
 
 # ============================================================== the helper process
-CENTRE = {"a": 0, "b": 1, "c": 2, "d": 3, "next": 7}
+CENTRE = {"a": 0, "b": 1, "c": 2, "next": 7}  # one-hot centre of each synthetic pattern
 SHARD = "40KB"  # a few shards for the tiny model (165 kB), so the export has a crash point after each
 PROMPTS = ["def f(x):\n    return x * 2", "And God said, Let there be light", "#include <stdlib.h>"]
 

@@ -30,7 +30,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import load, save
 
 from .. import _faults
 from .._io import atomic_write_bytes, atomic_write_json, ensure_dir, format_bytes, fsync_dir
@@ -257,18 +257,31 @@ class PatternStore:
     def profile(self, name: str) -> Profile:
         """The profile statistics a pattern came from."""
         entry = self.get(name)
-        tensors = self._entry_tensors(name)
+        tensors = self._entry_tensors(entry)
         meta = dict(entry.meta.get("profile", {}))
         return Profile({k: tensors[k] for k in STATS}, tensors["signatures"], meta, tensors.get("routing"),
                        tensors.get("hidden_signatures"))
 
-    def _entry_tensors(self, name: str) -> dict[str, torch.Tensor]:
-        f = self.entries_dir / f"{name}.safetensors"
-        try:
-            return load_file(str(f))
-        except Exception as e:
-            raise MoepruneError(f"store entry tensors {f} are unreadable ({e}); remove the entry with "
-                                f"`moeprune store remove {self.path} {name}` and add it again") from None
+    def _entry_tensors(self, entry: Entry) -> dict[str, torch.Tensor]:
+        """The entry's tensors, checked against the checksum its JSON committed to.
+
+        A replacement killed after its JSON landed leaves its tensors pending; readers take them
+        from there (without the writer lock) until the next writer moves them into place."""
+        name, want = entry.name, entry.meta.get("tensors_sha256")
+        fix = f"remove it with `moeprune store remove {self.path} {name}` and add it again"
+        for f in (self.entries_dir / f"{name}.safetensors", self.entries_dir / f".{name}{_PENDING}"):
+            try:
+                blob = f.read_bytes()
+            except FileNotFoundError:
+                continue
+            if hashlib.sha256(blob).hexdigest() != want:
+                continue
+            try:
+                return load(blob)
+            except Exception as e:
+                raise MoepruneError(f"store entry tensors {f} are unreadable ({e}); {fix}") from None
+        raise MoepruneError(f"store entry {name!r} is corrupt (its tensors are missing or do not match their "
+                            f"checksum); {fix}")
 
     # ------------------------------------------------------------------ writes
     def add(self, name: str, profile: Profile, pattern: Pattern, domain: str | None = None,
@@ -383,12 +396,7 @@ class PatternStore:
         kind = self.signature
         vecs, names, counts = [], [], []
         for name in self.names():
-            entry = self.get(name)
-            tensors = self._entry_tensors(name)
-            if hashlib.sha256((self.entries_dir / f"{name}.safetensors").read_bytes()).hexdigest() != \
-                    entry.meta.get("tensors_sha256"):
-                raise MoepruneError(f"store entry {name!r} is corrupt (its tensors do not match their checksum); "
-                                    f"remove it with `moeprune store remove {self.path} {name}`")
+            tensors = self._entry_tensors(self.get(name))
             key = "signatures" if kind == "router" else "hidden_signatures"
             if key not in tensors:
                 raise MoepruneError(f"store entry {name!r} has no {kind} signatures")
