@@ -21,8 +21,12 @@ if __name__ == "__main__":
     add_record_args(ap)
     ours, args = ap.parse_known_args()
     if "-o" not in args and "--output" not in args:
-        # A --quick run must not overwrite the full run's tables and plots.
-        args += ["-o", str(results_dir(ours.results) / ("criteria-quick" if "--quick" in args else ""))]
+        # A --quick run must not overwrite the full run's tables and plots; a full run replaces them
+        # (the earlier ones stay in git history).
+        quick = "--quick" in args
+        args += ["-o", str(results_dir(ours.results) / ("criteria-quick" if quick else ""))]
+        if not quick and "--force" not in args:
+            args.append("--force")
     asks_help = "-h" in args or "--help" in args
     with record("criteria", ours.results, ours.record and not asks_help):
         sys.exit(main(["bench-criteria", *args]))

@@ -230,6 +230,7 @@ def run(args: argparse.Namespace) -> None:
         from moeprune.store import PatternStore
 
         pattern = PatternStore(store).get("bible").pattern
+        load_slim(DEMO_MODEL, pattern)  # warm-up: the first call imports the model class; a server would not pay it
         for f in DEMO_MODEL.glob("*.safetensors"):
             fd = os.open(f, os.O_RDONLY)
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

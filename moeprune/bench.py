@@ -29,6 +29,7 @@ from .prompts import read_documents, read_prompts
 from .routers import get_adapter
 
 DOMAINS = ("python", "c_headers", "legal", "bible", "german", "dictionary", "manpages")
+REPORT_FILES = ("criteria.md", "criteria.json", "criteria_ratio.png", "pattern_overlap.png")
 
 
 @dataclass

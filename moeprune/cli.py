@@ -144,10 +144,14 @@ def _cmd_demo(args) -> int:
 
 def _cmd_bench_criteria(args) -> int:
     from ._io import check_output_dir
-    from .bench import BenchConfig, markdown, run_benchmark, write_report
+    from .bench import REPORT_FILES, BenchConfig, markdown, run_benchmark, write_report
     from .demo import DEMO_MODEL
 
-    check_output_dir(args.output, force=args.force, what="benchmark output folder")
+    out = check_output_dir(args.output, force=True, what="benchmark output folder")  # other files may stay
+    earlier = [f for f in REPORT_FILES if (out / f).exists()]
+    if earlier and not args.force:
+        raise MoepruneError(f"{out} already holds a criteria report ({', '.join(earlier)}); choose another "
+                            "folder or pass --force to replace those files")
     cfg = BenchConfig()
     if args.quick:
         cfg = BenchConfig(domains=tuple(args.domains or ("python", "bible")), calib_sizes=(16,), keeps=(0.5,),
@@ -340,7 +344,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--domains", nargs="*", help="domains to run (default: all seven)")
     p.add_argument("--quick", action="store_true", help="2 domains, one keep level (what CI runs)")
     p.add_argument("-o", "--output", default="bench-criteria", help="folder for the table, JSON and plots")
-    p.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
+    p.add_argument("--force", action="store_true", help="replace an earlier report's files in the output folder")
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=_cmd_bench_criteria)
 

@@ -1,4 +1,4 @@
-"""`moeprune demo`: the main job end to end on the bundled demo MoE, offline, in about a minute.
+"""`moeprune demo`: the main job end to end on the bundled demo MoE, offline, in about ten seconds.
 
 Profiles three domains from their bundled demonstrations, selects half of the experts for one,
 exports that pruned checkpoint, reloads it with vanilla transformers, and prints full-vs-pruned

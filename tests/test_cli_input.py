@@ -77,7 +77,10 @@ def test_outputs_are_checked_before_long_work(setup, capfd, monkeypatch, tmp_pat
     assert "is a folder" in _error(capfd, ["plot", str(r / "prof"), "-o", str(tmp_path)])
     assert "inside" in _error(capfd, ["export", m, "--pattern", str(r / "pattern.json"), "-o", str(r / "model" / "sub"),
                                       "--force"])
-    assert "not empty" in _error(capfd, ["bench-criteria", "-o", str(r / "prof")])
+    (tmp_path / "report").mkdir()
+    (tmp_path / "report" / "criteria.md").write_text("an earlier report")
+    assert "already holds a criteria report" in _error(capfd, ["bench-criteria", "-o", str(tmp_path / "report")])
+    assert "is a file" in _error(capfd, ["bench-criteria", "-o", str(blocker)])
     assert "not empty" in _error(capfd, ["demo", "-o", str(r / "prof")])
     assert (r / "prof" / "profile.json").is_file() and (r / "model" / "config.json").is_file()
 
