@@ -109,6 +109,7 @@ def main() -> None:
     ap.add_argument("--variants", nargs="*", default=list(VARIANTS))
     ap.add_argument("--threads", type=int, default=2, help="torch threads per training process")
     ap.add_argument("--jobs", type=int, default=len(VARIANTS), help="variants trained at once")
+    ap.add_argument("--summarize", action="store_true", help="only print the summary of finished variants")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: train + evaluate one variant
     args = ap.parse_args()
     out = Path(args.out)
@@ -124,7 +125,7 @@ def main() -> None:
         (out / f"{args.one}.json").write_text(json.dumps(res, indent=2))
         return
     out.mkdir(parents=True, exist_ok=True)
-    pending, running = list(args.variants), {}
+    pending, running = ([] if args.summarize else list(args.variants)), {}
     while pending or running:
         while pending and len(running) < max(1, args.jobs):
             v = pending.pop(0)
