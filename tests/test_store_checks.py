@@ -72,7 +72,8 @@ def test_set_options_change_search(store):
     m = reopened.search(far)
     assert m.fell_back and m.name is None and m.pattern.counts == {0: E, 1: E}  # the union exceeds 4: all experts
     assert PatternStore(store.path).info()["expert_budget"] == 4
-    for bad in (dict(threshold=3), dict(threshold="strict"), dict(expert_budget=0), dict(expert_budget=1.5)):
+    for bad in (dict(threshold=3), dict(threshold="strict"), dict(expert_budget=0), dict(expert_budget=1.5),
+                dict(expert_budget=E + 1)):
         with pytest.raises(MoepruneError):
             reopened.set_options(**bad)
     assert PatternStore(store.path).info()["expert_budget"] == 4  # a refused change writes nothing

@@ -374,6 +374,8 @@ class PatternStore:
             check_budget(expert_budget, "expert_budget")
         with self._locked():
             m = self.manifest
+            if expert_budget is not None:
+                resolve_count(expert_budget, m["num_experts"], "expert_budget")  # in range for this model
             if threshold is not None:
                 m["threshold"] = threshold
             if expert_budget is not None:
