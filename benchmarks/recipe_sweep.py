@@ -26,6 +26,8 @@ import sys
 import time
 from pathlib import Path
 
+from _record import add_record_args, record
+
 HERE = Path(__file__).resolve().parent
 VARIANTS = {
     "base": ["--top-k", "4"],
@@ -110,6 +112,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2, help="torch threads per training process")
     ap.add_argument("--jobs", type=int, default=len(VARIANTS), help="variants trained at once")
     ap.add_argument("--summarize", action="store_true", help="only print the summary of finished variants")
+    add_record_args(ap)
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: train + evaluate one variant
     args = ap.parse_args()
     out = Path(args.out)
@@ -125,6 +128,12 @@ def main() -> None:
         (out / f"{args.one}.json").write_text(json.dumps(res, indent=2))
         return
     out.mkdir(parents=True, exist_ok=True)
+    with record("recipe_sweep", args.results, args.record):
+        sweep(args, out)
+
+
+def sweep(args: argparse.Namespace, out: Path) -> None:
+    """Train and evaluate the variants (`--jobs` at a time), then print the summary and the choice."""
     pending, running = ([] if args.summarize else list(args.variants)), {}
     while pending or running:
         while pending and len(running) < max(1, args.jobs):
