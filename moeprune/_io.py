@@ -255,6 +255,24 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     _faults.point(f"write {path.name}: renamed into place")
     fsync_dir(path.parent)
     _faults.point(f"write {path.name}: folder synced")
+    _clean_stale_files(path)
+
+
+def _clean_stale_files(path: Path) -> None:
+    """Remove `.NAME.<random>.tmp` files that a killed writer of `path` left. A live one exists for
+    the milliseconds of its write, so one older than STALE_AGE_S has no writer any more."""
+    prefix = f".{path.name}."
+    try:
+        with os.scandir(path.parent) as it:
+            stale = [e for e in it if e.name.startswith(prefix) and e.name.endswith(".tmp") and e.is_file()
+                     and time.time() - e.stat().st_mtime > STALE_AGE_S]
+    except OSError:
+        return
+    for e in stale:
+        with contextlib.suppress(OSError):
+            size = e.stat().st_size
+            os.unlink(e.path)
+            log.warning("removed %s, left by an interrupted run (%s)", e.path, format_bytes(size))
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:

@@ -219,3 +219,19 @@ def test_model_paths(tmp_path, monkeypatch):
         check_model_path("someorg/some-model")
     monkeypatch.setattr(models, "_hub_cache", lambda repo: str(tmp_path))
     assert check_model_path("someorg/some-model") == str(tmp_path)  # a cached copy is used offline
+
+
+def test_stale_temporary_files_of_single_file_writes_are_removed(prof, tmp_path, caplog):
+    import os
+    import time
+
+    target = tmp_path / "pattern.json"
+    stale, fresh = tmp_path / ".pattern.json.k1l2m3.tmp", tmp_path / ".pattern.json.x9y8z7.tmp"
+    for f in (stale, fresh):
+        f.write_text("half a pattern")
+    old = time.time() - 3600
+    os.utime(stale, (old, old))  # a killed writer's leftover; the fresh one may belong to a live writer
+    with caplog.at_level("WARNING", logger="moeprune"):
+        prof.select(keep=0.5).save(target)
+    assert not stale.exists() and fresh.exists() and Pattern.load(target).kept
+    assert "left by an interrupted run" in caplog.text
