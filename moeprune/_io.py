@@ -269,10 +269,15 @@ def _clean_stale_files(path: Path) -> None:
     except OSError:
         return
     for e in stale:
-        with contextlib.suppress(OSError):
-            size = e.stat().st_size
-            os.unlink(e.path)
-            log.warning("removed %s, left by an interrupted run (%s)", e.path, format_bytes(size))
+        remove_leftover_file(Path(e.path))
+
+
+def remove_leftover_file(f: Path) -> None:
+    """Remove a file an interrupted run left, and say so (nothing if it is already gone)."""
+    with contextlib.suppress(FileNotFoundError):
+        size = f.stat().st_size
+        f.unlink()
+        log.warning("removed %s, left by an interrupted run (%s)", f, format_bytes(size))
 
 
 def atomic_write_json(path: str | os.PathLike, obj) -> None:

@@ -138,8 +138,9 @@ def profile(
     if isinstance(model, (str, os.PathLike)):
         from .models import check_model_path, load_config
 
-        max_length = resolve_length(max_length, 512, load_config(check_model_path(model)), "max_length")
-        model, loaded_tok = load_model(model, dtype=dtype)
+        path = check_model_path(model)  # once: for a hub id it may ask the network
+        max_length = resolve_length(max_length, 512, load_config(path), "max_length")
+        model, loaded_tok = load_model(path, dtype=dtype)
         tokenizer = tokenizer or loaded_tok
     if tokenizer is None:
         raise MoepruneError("profile() needs a tokenizer when given a loaded model: pass tokenizer=...")
@@ -151,7 +152,7 @@ def profile(
     layers = adapter.decoder_layers(model)
     n_experts, device = adapter.num_experts(model.config), model_device(model)
 
-    encoded, pad_id = encode(items, tokenizer, max_length)
+    encoded, pad_id, n_cut = encode(items, tokenizer, max_length)
 
     rec = _Recorder(adapter, len(blocks), n_experts, len(items), tcess_threshold, routing_tokens)
     callbacks = {adapter.experts(block): (lambda *a, pos=pos: rec.on_experts(pos, *a))
@@ -198,7 +199,7 @@ def profile(
         "groups": adapter.groups(model.config),
         "tcess_threshold": tcess_threshold,
         "max_length": max_length,
-        "n_cut": encoded.cut,
+        "n_cut": n_cut,
         "moeprune_version": __version__,
         "format_version": PROFILE_FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -124,28 +124,22 @@ def read_documents(source) -> list[str]:
     return docs
 
 
-def encode(prompts: list[Prompt], tokenizer, max_length: int, what: str = "prompt") -> tuple[list[list[int]], int]:
-    """Token ids of each prompt (rendered, cut to `max_length`) and the id to pad with.
-
-    The returned list's `cut` says how many prompts were longer than `max_length`.
-    """
-    encoded = _Encoded()
+def encode(prompts: list[Prompt], tokenizer, max_length: int,
+           what: str = "prompt") -> tuple[list[list[int]], int, int]:
+    """Token ids of each prompt (rendered, cut to `max_length`), the id to pad with, and how many
+    prompts were longer than `max_length`."""
+    encoded: list[list[int]] = []
+    cut = 0
     for i, p in enumerate(prompts):
         ids = tokenizer(render(p, tokenizer), verbose=False)["input_ids"]
         if not ids:
             raise PromptError(f"{what} {i} is empty after tokenisation")
         if len(ids) > max_length:
             ids = ids[:max_length]
-            encoded.cut += 1
+            cut += 1
         encoded.append(ids)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    return encoded, pad
-
-
-class _Encoded(list):
-    """Token ids per prompt, and how many prompts were longer than the limit and cut."""
-
-    cut = 0
+    return encoded, pad, cut
 
 
 def _read_text(path: Path, what: str) -> str:

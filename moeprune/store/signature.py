@@ -53,7 +53,7 @@ def embed(model: nn.Module, tokenizer, texts: list[Prompt], kind: str = "router"
     router = adapter.router(block)
     device = model_device(model)
     ctx = context_length(model.config)
-    encoded, pad = encode(texts, tokenizer, min(max_length, ctx) if ctx else max_length, what="query")
+    encoded, pad, _ = encode(texts, tokenizer, min(max_length, ctx) if ctx else max_length, what="query")
     captured: dict[str, torch.Tensor] = {}
 
     owner = threading.get_ident()

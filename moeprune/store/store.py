@@ -33,7 +33,7 @@ import torch
 from safetensors.torch import load, save
 
 from .. import _faults
-from .._io import atomic_write_bytes, atomic_write_json, ensure_dir, format_bytes, fsync_dir
+from .._io import atomic_write_bytes, atomic_write_json, ensure_dir, fsync_dir, remove_leftover_file
 from ..budget import check_budget, resolve_count
 from ..errors import FormatVersionError, MoepruneError
 from ..pattern import Pattern
@@ -171,7 +171,7 @@ class PatternStore:
                 continue
             for f in folder.iterdir():
                 if f.name.startswith(".") and f.name.endswith(".tmp") and not f.is_dir():
-                    _removed(f)
+                    remove_leftover_file(f)
                     changed = True
         if not self.entries_dir.is_dir():
             return
@@ -185,11 +185,11 @@ class PatternStore:
                 log.warning("completed the replacement of store entry %r that an interrupted run left half done",
                             name)
             else:
-                _removed(f)
+                remove_leftover_file(f)
             changed = True
         for f in self.entries_dir.glob("*.safetensors"):  # tensors whose JSON never landed: an add that did not return
             if not f.with_suffix(".json").exists():
-                _removed(f)
+                remove_leftover_file(f)
                 changed = True
         if changed:
             fsync_dir(self.entries_dir)
@@ -610,11 +610,6 @@ def _committed_sha(json_path: Path) -> str | None:
         return None
 
 
-def _removed(f: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        size = f.stat().st_size
-        f.unlink()
-        log.warning("removed %s, left by an interrupted run (%s)", f, format_bytes(size))
 
 
 def _safe_fingerprint(model) -> str | None:
