@@ -718,6 +718,19 @@ def _export_scenarios(root: Path, warnings: list[str]) -> dict:
 
 
 # ---------------------------------------------------------------- real kill -9, concurrent writers
+def _fork(body) -> int:
+    """Run `body()` in a child process that ends with os._exit: 0 if it returned, 1 if it raised."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            body()
+            code = 0
+        finally:
+            os._exit(code)
+    return pid
+
+
 def _kill_scenario(root: Path) -> dict:
     from test_store import onehot, synthetic
 
@@ -726,19 +739,16 @@ def _kill_scenario(root: Path) -> dict:
     path, acked, rounds, problems, may = root / "store", [], [], [], {}
     for round_, kill_after in enumerate((3, 2)):  # killed after its 3rd acknowledgement, then mid-run again
         r, w = os.pipe()
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.close(r)
-                s = PatternStore(path, signature="router")
-                for i in range(60):
-                    name = f"w{round_}-{i}"
-                    s.add(name, *synthetic(name, onehot(i % 8), seed=i))
-                    os.write(w, f"added {name}\n".encode())
-                code = 0
-            finally:
-                os._exit(code)
+
+        def writer(r=r, w=w, round_=round_):
+            os.close(r)
+            s = PatternStore(path, signature="router")
+            for i in range(60):
+                name = f"w{round_}-{i}"
+                s.add(name, *synthetic(name, onehot(i % 8), seed=i))
+                os.write(w, f"added {name}\n".encode())
+
+        pid = _fork(writer)
         os.close(w)
 
         def on_line(data, pid=pid, kill_after=kill_after):
@@ -770,20 +780,15 @@ def _concurrent_scenario(root: Path) -> dict:
     go_r, go_w = os.pipe()  # every writer waits for the same go, so their adds overlap
     pids = []
     for k in range(4):
-        pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                os.close(go_w)
-                os.read(go_r, 1)
-                s = PatternStore(path, signature="router")
-                for j in range(4):
-                    name = f"p{k}-{j}"
-                    s.add(name, *synthetic(name, onehot((k + j) % 8), seed=10 * k + j))
-                code = 0
-            finally:
-                os._exit(code)
-        pids.append(pid)
+        def writer(k=k):
+            os.close(go_w)
+            os.read(go_r, 1)
+            s = PatternStore(path, signature="router")
+            for j in range(4):
+                name = f"p{k}-{j}"
+                s.add(name, *synthetic(name, onehot((k + j) % 8), seed=10 * k + j))
+
+        pids.append(_fork(writer))
     os.close(go_r)
     os.close(go_w)
     codes, deadline = [], time.monotonic() + 120
@@ -815,19 +820,20 @@ def _run_jobs(jobs: dict) -> dict:
 def _in_two_processes(first: dict, second: dict) -> dict:
     """Run the jobs of `second` in a forked process while this one runs `first` (two cores)."""
     r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 1
+
+    def half():
+        os.close(r)
+        out = {"error": "the jobs did not finish"}
         try:
-            os.close(r)
             out = _run_jobs(second)
-            code = 0
         except BaseException:
             out = {"error": traceback.format_exc()}
+            raise
         finally:
             with contextlib.suppress(BaseException), os.fdopen(w, "wb") as f:
                 f.write(json.dumps(out).encode())
-            os._exit(code)
+
+    pid = _fork(half)
     os.close(w)
     results = _run_jobs(first)
     data, timed_out = _read_until_eof(r, 500.0, pid)
