@@ -2,7 +2,9 @@
 
 mmap-based loaders let kernel readahead pull in most of a file even when only a few experts are wanted.
 This reader parses the JSON headers only, then fetches exactly the byte ranges asked for with ``os.pread``
-on file descriptors advised for random access, and records every read so tests can check what was touched.
+on file descriptors advised for random access. It counts reads and bytes (O(1) memory); with
+``record=True`` it also logs every read, so tests can check exactly what was touched. The log is off by
+default: a long-lived reader (a server swapping experts in on every pattern switch) would grow it forever.
 """
 
 from __future__ import annotations
@@ -113,14 +115,20 @@ def _parse_header(path: Path) -> tuple[dict[str, _Entry], dict[str, str], int]:
 
 
 class CheckpointReader:
-    """Read whole tensors, or chosen rows of them, from a (possibly sharded) safetensors checkpoint folder."""
+    """Read whole tensors, or chosen rows of them, from a (possibly sharded) safetensors checkpoint folder.
 
-    def __init__(self, folder: str | os.PathLike):
+    Counters: `bytes_read`, `n_reads` (preads of tensor data), `header_bytes_read`. With `record=True`,
+    `reads` also lists every read as (file name, offset, bytes); otherwise it stays empty.
+    """
+
+    def __init__(self, folder: str | os.PathLike, record: bool = False):
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise MoepruneError(f"{self.folder}: checkpoint folder does not exist")
         self.bytes_read = 0
+        self.n_reads = 0
         self.header_bytes_read = 0
+        self.record = record
         self.reads: list[tuple[str, int, int]] = []
         self._fds: dict[Path, int] = {}
         self._lock = threading.Lock()  # reads may come from several threads (pread itself is positional)
@@ -200,7 +208,9 @@ class CheckpointReader:
             fd = self._fds.get(file)
             if fd is None:
                 fd = self._fds[file] = _open(file)
-            self.reads.append((file.name, offset, len(view)))
+            if self.record:
+                self.reads.append((file.name, offset, len(view)))
+            self.n_reads += 1
             self.bytes_read += len(view)
         _read_into(fd, view, offset, file)
 

@@ -29,10 +29,11 @@ from .routers.base import MoEAdapter
 
 @dataclass
 class LoadReport:
-    """What `load_slim` read: for tests and benchmarks."""
+    """What `load_slim` read: for tests and benchmarks. `reads` lists (file, offset, bytes) of every
+    read only when `load_slim(..., record_reads=True)` asked for it; it is empty otherwise."""
 
     bytes_read: int = 0
-    tensors_read: int = 0
+    tensors_read: int = 0  # preads of tensor data (a run of consecutive expert rows is one)
     reads: list = field(default_factory=list)
 
 
@@ -198,12 +199,14 @@ def load_slim(
     device: str | torch.device = "cpu",
     verify: bool = True,
     threads: int = 4,
+    record_reads: bool = False,
 ):
     """A model with only `pattern`'s experts (renumbered 0..k-1), loaded from `model_path`'s safetensors.
 
     Uniform patterns give the stock transformers class with the expert count set to k; non-uniform
     ones give the same class with each MoE layer sized to its own count. With `verify`, a pattern
-    made for another model (fingerprint mismatch) is refused.
+    made for another model (fingerprint mismatch) is refused. `model.moeprune_load_report` says what
+    was read; with `record_reads` it lists every read (`report.reads`).
     """
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
@@ -214,7 +217,7 @@ def load_slim(
     adapter = get_adapter(config)
     layers = adapter.moe_layers(config)
     report = LoadReport()
-    with CheckpointReader(path) as reader:
+    with CheckpointReader(path, record=record_reads) as reader:
         routers = read_routers(reader, adapter, layers)
         fp = checkpoint_fingerprint(config, routers, adapter, layers) if verify else None
         check_pattern(pattern, config, adapter, fp)
@@ -247,7 +250,7 @@ def load_slim(
                     buffers[name] = tensor.index_select(0, index).contiguous()
         for name in list(buffers):
             _set_tensor(model, name, _cast(buffers.pop(name), model, name))
-        report.bytes_read, report.tensors_read, report.reads = reader.bytes_read, len(reader.reads), list(reader.reads)
+        report.bytes_read, report.tensors_read, report.reads = reader.bytes_read, reader.n_reads, list(reader.reads)
 
     model.tie_weights()
     left = [n for n, p in model.named_parameters() if p.is_meta]

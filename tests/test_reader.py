@@ -65,9 +65,9 @@ def test_single_file_every_dtype(single: Path) -> None:
         assert r.metadata() == {"format": "pt", "note": "hi"}
         assert "f16" in r and "nope" not in r
         assert r.file_of("u8") == single / "model.safetensors"
-        before = len(r.reads)
+        before = r.n_reads
         assert r.get("empty").shape == (0, 4)
-        assert len(r.reads) == before  # nothing to read for a zero-size tensor
+        assert r.n_reads == before  # nothing to read for a zero-size tensor
 
 
 def test_float8(tmp_path: Path) -> None:
@@ -87,7 +87,7 @@ def test_get_rows_merges_contiguous_runs(single: Path, name: str) -> None:
     rows = [1, 2, 3, 6]
     row_bytes = 6 * 4 * full.element_size()
     start = _data_start(single / "model.safetensors", name)
-    with CheckpointReader(single) as r:
+    with CheckpointReader(single, record=True) as r:
         got = r.get_rows(name, rows)
         assert got.shape == (4, 6, 4) and got.dtype == full.dtype
         assert torch.equal(got, full[rows])
@@ -100,7 +100,7 @@ def test_get_rows_merges_contiguous_runs(single: Path, name: str) -> None:
 
 def test_get_rows_order_empty_and_bad_rows(single: Path) -> None:
     full = _tensors()["fused_f32"]
-    with CheckpointReader(single) as r:
+    with CheckpointReader(single, record=True) as r:
         assert torch.equal(r.get_rows("fused_f32", [6, 0, 1, 1]), full[[6, 0, 1, 1]])
         assert [n // 96 for _, _, n in r.reads] == [1, 2, 1]  # runs 6 | 0-1 | 1: only ascending neighbours merge
         assert r.get_rows("fused_f32", []).shape == (0, 6, 4)
@@ -114,11 +114,19 @@ def test_get_rows_order_empty_and_bad_rows(single: Path) -> None:
 
 
 def test_get_is_one_pread(single: Path) -> None:
-    with CheckpointReader(single) as r:
+    with CheckpointReader(single, record=True) as r:
         r.get("fused_f32")
         start = _data_start(single / "model.safetensors", "fused_f32")
         assert r.reads == [("model.safetensors", start, 8 * 6 * 4 * 4)]
-        assert r.bytes_read == 8 * 6 * 4 * 4 and r.header_bytes_read > 0
+        assert r.bytes_read == 8 * 6 * 4 * 4 and r.header_bytes_read > 0 and r.n_reads == 1
+
+
+def test_reads_are_counted_but_not_logged_by_default(single: Path) -> None:
+    with CheckpointReader(single) as r:  # a long-lived reader must not grow a log of every read
+        for _ in range(3):
+            r.get("fused_f32")
+            r.get_rows("fused_f32", [1, 2, 6])
+        assert r.reads == [] and r.n_reads == 3 * 3 and r.bytes_read == 3 * (8 + 3) * 6 * 4 * 4
 
 
 def test_sharded_handwritten_index(tmp_path: Path) -> None:
@@ -130,7 +138,7 @@ def test_sharded_handwritten_index(tmp_path: Path) -> None:
     weight_map = {k: "shard-a.safetensors" for k in a} | {k: "shard-b.safetensors" for k in b}
     (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     _assert_all_equal(tmp_path, t)
-    with CheckpointReader(tmp_path) as r:
+    with CheckpointReader(tmp_path, record=True) as r:
         assert r.file_of(b[0]) == tmp_path / "shard-b.safetensors"
         assert r.metadata() == {"which": "a"}
         r.get(a[0])

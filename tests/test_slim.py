@@ -96,7 +96,7 @@ def _expected_reads(folder, kept: dict[int, list[int]]) -> list[tuple[str, int, 
 def test_tied_embeddings_stay_tied(checkpoints, tok):
     folder, full = checkpoints["qwen3_moe_tied"]
     pattern = moeprune.profile(full, PROMPTS, tokenizer=tok).select(keep=0.5)
-    slim = load_slim(folder, pattern)
+    slim = load_slim(folder, pattern, record_reads=True)
     assert slim.get_output_embeddings().weight is slim.get_input_embeddings().weight
     with CheckpointReader(folder) as reader:
         assert "lm_head.weight" not in reader  # stored once, as on the hub
@@ -109,12 +109,15 @@ def test_reads_exactly_the_kept_bytes(checkpoints, model_type):
     adapter = get_adapter(full)
     rng = random.Random(0)
     pattern = _pattern(full, {layer: sorted(rng.sample(range(8), 4)) for layer in adapter.moe_layers(full.config)})
-    report = load_slim(folder, pattern).moeprune_load_report
+    report = load_slim(folder, pattern, record_reads=True).moeprune_load_report
     want = _expected_reads(folder, pattern.kept)
     if model_type == "minimax":
         assert len({f for f, *_ in want}) > 1  # the reads span several shards
     assert sorted(report.reads) == want  # no byte of a pruned expert, nothing read twice
-    assert report.bytes_read == sum(n for *_, n in want)
+    assert report.bytes_read == sum(n for *_, n in want) and report.tensors_read == len(want)
+    unrecorded = load_slim(folder, pattern).moeprune_load_report  # the log is opt-in; the counters are not
+    assert unrecorded.reads == [] and (unrecorded.bytes_read, unrecorded.tensors_read) == (report.bytes_read,
+                                                                                           len(want))
 
 
 def test_fused_checkpoint_layout(tmp_path, checkpoints):
@@ -126,7 +129,7 @@ def test_fused_checkpoint_layout(tmp_path, checkpoints):
     save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(tmp_path / "model.safetensors"))
     kept = [1, 3, 4, 6]
     pattern = _pattern(full, {layer: kept for layer in range(3)})
-    slim = load_slim(tmp_path, pattern)
+    slim = load_slim(tmp_path, pattern, record_reads=True)
     _compare(full, slim, pattern)
     # exactly the kept rows of each fused expert tensor (runs of consecutive rows are one read), and
     # every other tensor whole

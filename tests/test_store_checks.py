@@ -1,6 +1,10 @@
 """The pattern store validates what it reads, and its options and index kinds do what they say."""
 
 import json
+import logging
+import os
+import re
+import time
 
 import numpy as np
 import pytest
@@ -140,3 +144,159 @@ def test_slim_and_exported_models_search_like_the_full_model(tmp_path):
     other = save_tiny("qwen3_moe", tmp_path / "other", seed=3)
     with pytest.raises(MoepruneError, match="not the one this store's patterns belong to"):
         s.search("x = 1", other, tok)
+
+
+# ---------------------------------------------------------------- corrupt entries while serving
+def _write_json(path, data):
+    path.write_text(json.dumps(data))
+
+
+def _corrupt_tensors(store, name):
+    f = store.entries_dir / f"{name}.safetensors"
+    blob = bytearray(f.read_bytes())
+    blob[-1] ^= 0xFF  # still loadable: only its checksum tells
+    f.write_bytes(bytes(blob))
+
+
+CORRUPTIONS = {
+    "bad JSON": lambda s: (s.entries_dir / "bible.json").write_text('{"pattern": '),
+    "ids out of range": lambda s: _edit_entry(s, "bible", lambda d: d["pattern"]["kept"]["0"].__setitem__(0, 999)),
+    "another model": lambda s: _edit_entry(s, "bible", lambda d: d["pattern"].__setitem__("fingerprint", "sha256:x")),
+    "tensors changed": lambda s: _corrupt_tensors(s, "bible"),
+    "tensors missing": lambda s: (s.entries_dir / "bible.safetensors").unlink(),
+}
+REASONS = {"bad JSON": "is corrupt", "ids out of range": r"\[999\] are out of range",
+           "another model": "pattern of another model", "tensors changed": "do not match their checksum",
+           "tensors missing": "missing or do not match"}
+
+
+@pytest.mark.parametrize("kind", list(CORRUPTIONS))
+def test_a_corrupt_entry_is_left_out_while_serving(store, kind, caplog):
+    from test_store import synthetic
+
+    queries = {name: torch.tensor(onehot(i)) for i, name in enumerate(["code", "bible", "legal"])}
+    serving = PatternStore(store.path, on_corrupt="skip")  # in use before the entry goes bad
+    assert [m.name for m in serving.search_many(list(queries.values()))] == list(queries)
+    assert serving.skipped == {} and serving.names() == ["bible", "code", "legal"]
+    index_files = {f: (store.path / f).read_bytes() for f in ("index.json", "index.faiss")}
+
+    CORRUPTIONS[kind](store)
+    # a writer in skip mode may go on adding patterns, but writes no index files that lack bible
+    writer = PatternStore(store.path, on_corrupt="skip")
+    writer.add("extra", *synthetic("extra", onehot(3), seed=3))
+    assert {f: (store.path / f).read_bytes() for f in index_files} == index_files
+    assert writer.rebuild_index()["names"] == ["code", "extra", "legal"]
+    assert {f: (store.path / f).read_bytes() for f in index_files} == index_files
+
+    with caplog.at_level(logging.WARNING, "moeprune"):
+        for _ in range(3):  # searches go on with the rest, from one snapshot each
+            got = serving.search_many([queries["code"], queries["legal"], torch.tensor(onehot(3))])
+            assert [m.name for m in got] == ["code", "legal", "extra"]
+            assert got[0].pattern.kept == store.get("code").pattern.kept
+            assert serving.search(queries["bible"]).name != "bible"
+    assert list(serving.skipped) == ["bible"] and re.search(REASONS[kind], serving.skipped["bible"])
+    assert serving.find("bible") is None and serving.find("legal") is not None
+    assert serving.names() == ["code", "extra", "legal"]
+    assert serving.index_status.startswith("in memory only, without 1 corrupt entry (bible)")
+    info = serving.info()
+    assert info["patterns"] == 3 and list(info["skipped"]) == ["bible"]
+    warned = [r.getMessage() for r in caplog.records if r.name == "moeprune"]
+    assert len(warned) == 1 and "'bible'" in warned[0] and "moeprune store remove" in warned[0], warned
+
+    # the default (the CLI's): refuse, naming the entry and the way out
+    for action in (lambda s: s.search(queries["code"]), lambda s: s.find("code"), lambda s: s.info(),
+                   lambda s: s.rebuild_index()):
+        with pytest.raises(MoepruneError, match=REASONS[kind]) as e:
+            action(PatternStore(store.path))
+        assert "bible" in str(e.value) and "store remove" in str(e.value)
+    PatternStore(store.path).remove("bible")  # the way out: the index files are written again, complete
+    assert serving.skipped == {} and serving.index_status == "ok" and serving.names() == ["code", "extra", "legal"]
+    assert PatternStore(store.path, auto_rebuild=False).info()["index_status"] == "ok"
+
+
+@pytest.mark.parametrize("kind", ["ids out of range", "tensors changed"])
+def test_an_entry_damaged_in_place_is_seen(store, kind):
+    """In-place edits leave the entries folder's timestamps alone: a rescan of the files' stats sees them."""
+    serving = PatternStore(store.path, on_corrupt="skip")
+    assert serving.search(torch.tensor(onehot(1))).name == "bible" and serving.skipped == {}
+    CORRUPTIONS[kind](store)
+    time.sleep(2 * store_module.RESCAN_MAX_S)  # the longest a rescan waits
+    assert serving.search(torch.tensor(onehot(1))).name != "bible" and list(serving.skipped) == ["bible"]
+    assert serving.search(torch.tensor(onehot(2))).name == "legal"
+
+
+def test_every_entry_corrupt_and_on_corrupt_checked(store):
+    for name in store.names():
+        _edit_entry(store, name, lambda d: d.pop("n_demonstrations"))
+    serving = PatternStore(store.path, on_corrupt="skip")
+    with pytest.raises(MoepruneError, match=r"holds no patterns \(3 corrupt entries left out: bible, code, legal\)"):
+        serving.search(torch.tensor(onehot(0)))
+    assert serving.names() == [] and sorted(serving.skipped) == ["bible", "code", "legal"]
+    assert PatternStore(store.path / "nowhere", on_corrupt="skip").names() == []
+    with pytest.raises(MoepruneError, match="on_corrupt must be one of raise, skip"):
+        PatternStore(store.path, on_corrupt="ignore")
+
+
+# ---------------------------------------------------------------- snapshots
+def test_a_store_this_user_cannot_lock_is_still_searchable(store, monkeypatch):
+    real_open = store_module.os.open
+
+    def open_without_lock(path, flags, *args, **kwargs):  # a read-only store of another user, even as root
+        if str(path).endswith(".lock"):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(store_module.os, "open", open_without_lock)
+    reader = PatternStore(store.path)
+    assert reader.search(torch.tensor(onehot(1))).name == "bible" and reader.index_status == "ok"
+    _edit_entry(store, "legal", lambda d: d.__setitem__("tags", {"edited": True}))  # the index is stale now
+    before = (store.path / "index.json").read_bytes()
+    fresh = PatternStore(store.path)
+    assert fresh.search(torch.tensor(onehot(2))).name == "legal"
+    assert fresh.index_status == "rebuilt: it does not match the stored patterns (stale) (in memory only: the " \
+                                 "store is read-only)"
+    assert (store.path / "index.json").read_bytes() == before
+
+
+def test_a_change_within_the_timestamps_granularity_is_seen(store, monkeypatch):
+    """Changes whose timestamps (and file stats) do not differ from the snapshot's: the contents tell."""
+    reader = PatternStore(store.path)
+    assert reader.find("bible") is not None
+    frozen = tuple(None if part is None else (part[0], time.time_ns(), part[2]) for part in reader._stamp())
+    monkeypatch.setattr(PatternStore, "_stamp", lambda self: frozen)
+    monkeypatch.setattr(PatternStore, "_files", lambda self: frozenset())
+    reader._snap = None
+    assert reader.find("bible") is not None  # read now, with a stamp a moment old
+    PatternStore(store.path).remove("bible")
+    assert reader.find("bible") is None and reader.search(torch.tensor(onehot(1))).name != "bible"
+    assert reader.names() == ["code", "legal"]
+
+
+def test_readers_wait_for_a_writer_mid_change(store):
+    import fcntl
+    import threading
+
+    want = store.get("code").pattern.kept
+    reader = PatternStore(store.path)
+    got = []
+
+    def find():
+        try:
+            got.append(reader.find("code"))
+        except Exception as e:  # reported below
+            got.append(e)
+
+    fd = os.open(store.path / ".lock", os.O_RDWR)
+    try:
+        # a writer removing bible, its tensors first: the index still looks fresh, and bible looks corrupt
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        (store.entries_dir / "bible.safetensors").unlink()
+        t = threading.Thread(target=find)
+        t.start()
+        t.join(0.5)
+        assert t.is_alive() and not got, got  # it waits rather than read a half-changed store
+        (store.entries_dir / "bible.json").unlink()
+    finally:
+        os.close(fd)  # the writer is done (its index rebuild is left to the reader)
+    t.join(60)
+    assert got[0].kept == want and reader.names() == ["code", "legal"] and reader.find("bible") is None

@@ -1,27 +1,54 @@
 """OpenAI-compatible HTTP server that answers every request with only the experts its task needs.
 
-Request and response shapes are the `openai` package's own types (as in `transformers serve`);
-what is new here is the per-request retrieval, the expert pool and the masks.
+The parts, each testable alone: `protocol` parses and validates requests, `Service` chooses each
+prompt's pattern and runs its sequences on the `Engine`, `responses` builds bodies and SSE chunks,
+and `Gate` (the outermost ASGI layer) enforces the body limit and the API key and counts every
+response with its real status under a route template. `create_app` wires them into FastAPI.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
+import ipaddress
 import json
+import logging
 import os
+import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from ..budget import resolve_count
 from ..errors import MoepruneError
 from ..pattern import Pattern
 from ..prompts import render
-from .engine import Engine, Job, QueueFull, cut_at_stop
+from . import responses
+from .engine import Engine, Job, QueueFull
+from .params import Result, SamplingParams, TokenLogprob
+from .protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    Limits,
+    check_length,
+    check_token_ids,
+    parse_chat,
+    parse_completion,
+    parse_json,
+    retrieval_query,
+)
 from .residency import ExpertPool
+
+log = logging.getLogger("moeprune")
+
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+_OPEN_ROUTES = ("/health",)  # answered without the API key: load balancers probe it
 
 
 @dataclass
@@ -30,344 +57,580 @@ class ServeConfig:
     api_key: str | None = None
     max_batch: int = 8
     max_queue: int = 64
+    max_body_bytes: int = 4 * 2**20
     max_prompt_tokens: int = 2048
     max_tokens_cap: int = 512
     default_max_tokens: int = 64
+    max_n: int = 8
+    max_prompts: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "max_queue", "max_body_bytes", "max_prompt_tokens", "max_tokens_cap",
+                     "default_max_tokens", "max_n", "max_prompts"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MoepruneError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
 
 
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
-
-
-def _error_response(e: APIError):
-    return JSONResponse({"error": {"message": e.message, "type": e.type, "param": e.param, "code": e.code}},
-                        status_code=e.status)
-
-
+# ---------------------------------------------------------------------------------------------- metrics
 def _metrics():
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
     reg = CollectorRegistry()
     return {
         "registry": reg,
-        "requests": Counter("moeprune_requests", "HTTP requests", ["endpoint", "status"], registry=reg),
+        "requests": Counter("moeprune_requests", "HTTP responses by route template and status",
+                            ["endpoint", "status"], registry=reg),
         "tokens": Counter("moeprune_tokens", "Tokens processed", ["kind"], registry=reg),
-        "retrievals": Counter("moeprune_retrievals", "Patterns chosen per request", ["pattern", "fell_back"],
+        "retrievals": Counter("moeprune_retrievals", "Patterns chosen per prompt", ["pattern", "fell_back"],
                               registry=reg),
         "loads": Gauge("moeprune_expert_loads", "Experts loaded into the pool since start", registry=reg),
         "evictions": Gauge("moeprune_expert_evictions", "Experts evicted from the pool since start", registry=reg),
         "bytes": Gauge("moeprune_expert_bytes_read", "Expert bytes read from the checkpoint", registry=reg),
         "resident": Gauge("moeprune_resident_experts", "Experts resident in the pool", registry=reg),
-        "queue": Gauge("moeprune_queue_depth", "Requests waiting or running", registry=reg),
+        "queue": Gauge("moeprune_queue_depth", "Sequences waiting or running", registry=reg),
         "latency": Histogram("moeprune_request_latency_seconds", "Request latency", ["endpoint"], registry=reg),
-        "batch": Gauge("moeprune_mean_batch_size", "Mean requests per generate call (last 1000)", registry=reg),
+        "batch": Gauge("moeprune_mean_batch_size", "Mean sequences per batch (last 1000)", registry=reg),
         "stopped": Gauge("moeprune_generations_stopped_early",
                          "Generations cut short because the client went away", registry=reg),
+        "skipped": Gauge("moeprune_store_skipped_entries", "Store entries left out because they are corrupt",
+                         registry=reg),
     }
 
 
-def create_app(pool: ExpertPool, store, config: ServeConfig):
-    """The FastAPI application over an expert pool and a pattern store."""
+# ---------------------------------------------------------------------------------------------- the gate
+def _json_bytes(e: APIError) -> bytes:
+    return json.dumps(e.body()).encode()
+
+
+class Gate:
+    """Outermost ASGI layer: body-size limit, API key, and a metric sample for every response.
+
+    It reads a request's whole body (our routes need all of it) before the application sees it, so
+    an oversized body is refused without being stored; the API key is compared in constant time."""
+
+    def __init__(self, app, config: ServeConfig, metrics: dict):
+        self.app, self.config, self.metrics = app, config, metrics
+        self._key = config.api_key.encode() if config.api_key else None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        label = scope["path"] if scope["path"] in ROUTES else "other"  # never a client-chosen label
+        status: list[int] = []
+        t0 = time.perf_counter()
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            problem = self._refuse_auth(scope)
+            if problem is None:
+                body, problem = await self._read_body(scope, receive)
+            if problem is not None:
+                if problem.status:  # status 0: the client went away while sending
+                    await _send_error(counted_send, problem)
+                return
+            sent = False
+
+            async def replay():
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, counted_send)
+        except Exception:  # a bug: the client still gets an OpenAI error body, and it is counted
+            log.exception("moeprune: request %s %s failed", scope.get("method"), scope["path"])
+            if not status:
+                await _send_error(counted_send, APIError(500, "internal server error", "server_error"))
+        finally:
+            code = str(status[0]) if status else "499"  # no response: the client left first
+            self.metrics["requests"].labels(label, code).inc()
+            self.metrics["latency"].labels(label).observe(time.perf_counter() - t0)
+
+    def _refuse_auth(self, scope) -> APIError | None:
+        if self._key is None or scope["path"] in _OPEN_ROUTES:
+            return None
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = header.strip().partition(b" ")
+        # compare_digest on the token alone: the time taken tells nothing about the key
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key):
+            return None
+        return APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)", "authentication_error",
+                        "invalid_api_key")
+
+    async def _read_body(self, scope, receive) -> tuple[bytes, APIError | None]:
+        limit = self.config.max_body_bytes
+        too_big = APIError(413, f"the request body exceeds this server's limit of {limit} bytes",
+                           code="request_too_large")
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            return b"", too_big if length.isdigit() else APIError(400, "invalid Content-Length header")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return b"", APIError(0, "")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return b"", too_big
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), None
+
+
+async def _send_error(send, e: APIError) -> None:
+    data = _json_bytes(e)
+    await send({"type": "http.response.start", "status": e.status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]})
+    await send({"type": "http.response.body", "body": data})
+
+
+# ---------------------------------------------------------------------------------------------- the service
+@dataclass
+class Choice:
+    """The pattern a prompt is served with, and why."""
+
+    pattern: Pattern
+    name: str
+    fell_back: bool
+    details: dict = field(default_factory=dict)
+
+    def info(self) -> dict:
+        return {"pattern": self.name, "fell_back": self.fell_back, **self.details}
+
+
+@dataclass
+class Prompt:
+    ids: list[int]
+    text: str  # what `echo` returns
+    choice: Choice | None = None
+    max_tokens: int = 0
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response was ready."""
+
+
+class Service:
+    """Everything between a parsed request and its response body."""
+
+    def __init__(self, pool: ExpertPool, store, config: ServeConfig, metrics: dict, engine: Engine | None = None):
+        tok = pool.tokenizer
+        if tok is None:
+            raise MoepruneError(f"{pool.path} has no tokenizer: the server needs one")
+        self.pool, self.store, self.config, self.metrics, self.tok = pool, store, config, metrics, tok
+        self.engine = engine or Engine(pool, tok, max_batch=config.max_batch, max_queue=config.max_queue)
+        ctx = self.engine.context_length
+        self.limits = Limits(max_tokens_cap=config.max_tokens_cap, default_max_tokens=config.default_max_tokens,
+                             context_length=ctx, max_prompt_tokens=min(config.max_prompt_tokens, ctx),
+                             max_n=config.max_n, max_prompts=config.max_prompts)
+        # A prompt longer than this many characters has more tokens than the limit whatever they are:
+        # no token of the vocabulary spells more characters than its longest entry.
+        longest = max((len(t) for t in tok.get_vocab()), default=1)
+        self.max_prompt_chars = self.limits.max_prompt_tokens * max(longest, 1)
+        self.vocab_size = len(tok)
+        self._token_text_cache: dict[int, str] = {}
+
+    # -------------------------------------------------------------- prompts
+    async def encode(self, text: str, param: str = "prompt") -> list[int]:
+        if len(text) > self.max_prompt_chars:
+            raise APIError(400, f"the prompt has {len(text)} characters, more than {self.limits.max_prompt_tokens} "
+                           f"tokens of this model can hold", param=param, code="context_length_exceeded")
+        ids = await run_in_threadpool(lambda: self.tok(text, add_special_tokens=True, verbose=False)["input_ids"])
+        if not ids:
+            raise APIError(400, "the prompt is empty", param=param)
+        return list(ids)
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text_cache.get(token_id)
+        if text is None:
+            text = self.tok.decode([token_id])
+            if len(self._token_text_cache) < 1_000_000:  # bounded by the vocabulary anyway
+                self._token_text_cache[token_id] = text
+        return text
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tok.decode(ids, skip_special_tokens=True)
+
+    async def completion_prompts(self, req: CompletionRequest) -> list[Prompt]:
+        check_token_ids(req.prompts, self.vocab_size)
+        out = []
+        for p in req.prompts:
+            if isinstance(p, str):
+                out.append(Prompt(await self.encode(p), p))
+            else:
+                out.append(Prompt(list(p), self.decode(list(p))))
+        for p in out:
+            p.max_tokens = self.room(len(p.ids), req.params.max_tokens, req.max_tokens_given, "prompt")
+        return out
+
+    def room(self, n_prompt: int, max_tokens: int, given: bool, param: str) -> int:
+        """The tokens a prompt may generate: what the client asked for, or the default shortened to fit
+        the context (as vLLM does); 400 when even that does not fit."""
+        if not given:
+            max_tokens = max(1, min(max_tokens, self.limits.context_length - n_prompt))
+        check_length(n_prompt, max_tokens, self.limits, param=param)
+        return max_tokens
+
+    async def chat_prompt(self, req: ChatRequest) -> Prompt:
+        if getattr(self.tok, "chat_template", None):
+            text = self.tok.apply_chat_template(req.messages, tokenize=False, add_generation_prompt=True)
+        else:
+            text = render(req.messages, self.tok) + "\nassistant:"
+        p = Prompt(await self.encode(text, "messages"), text)
+        p.max_tokens = self.room(len(p.ids), req.params.max_tokens, req.max_tokens_given, "messages")
+        return p
+
+    # -------------------------------------------------------------- patterns
+    def choose(self, model_field: str | None, query: str) -> Choice:
+        """The pattern for one prompt: pinned (`model:name`), all experts (`model:full`), or retrieved."""
+        base, pool = self.config.model_name, self.pool
+        head, _, name = (model_field or base).partition(":")
+        if head != base:
+            raise APIError(404, f"unknown model {model_field!r}; this server serves {base!r} (see GET /v1/models)",
+                           code="model_not_found", param="model")
+        if name == "full":
+            if pool.budget < pool.num_experts:
+                raise APIError(400, f"the full model needs {pool.num_experts} experts per layer, the expert "
+                               f"budget is {pool.budget}", param="model")
+            full = Pattern({layer: list(range(pool.num_experts)) for layer in pool.layers},
+                           {"num_experts": pool.num_experts, "fingerprint": pool.fingerprint})
+            return Choice(full, "full", False, {"reason": "requested"})
+        if name:
+            pinned = self.store.find(name)
+            if pinned is None:
+                raise APIError(404, f"no stored pattern {name!r}; see GET /v1/models", code="model_not_found",
+                               param="model")
+            self._check_fits(pinned, name)
+            return Choice(pinned, name, False, {"reason": "pinned"})
+        try:
+            match = self.store.search(query, pool.model, self.tok, expert_budget=pool.budget)
+        except MoepruneError as e:
+            raise APIError(503, f"pattern retrieval failed: {e}", "server_error", "retrieval_failed") from None
+        pattern, name = match.pattern, match.name or ("union" if match.fell_back else "?")
+        reason = match.reason
+        if max(pattern.counts.values()) > pool.budget:  # all experts do not fit: serve the nearest pattern
+            name = max(match.votes, key=match.votes.get)
+            nearest = self.store.find(name)
+            if nearest is None:
+                raise APIError(503, f"pattern {name!r} was removed while this request was served; retry",
+                               "server_error", "pattern_removed")
+            pattern, reason = nearest, f"{reason}; all experts exceed the budget of {pool.budget}, serving {name}"
+        self._check_fits(pattern, name)
+        details = {"reason": reason, "score": round(match.score, 4), "confidence": round(match.confidence, 4),
+                   "runner_up": match.runner_up}
+        return Choice(pattern, name, match.fell_back, details)
+
+    def _check_fits(self, pattern: Pattern, name: str) -> None:
+        need = max(pattern.counts.values())
+        if need > self.pool.budget:  # a pattern added after start-up can be larger than the pool
+            raise APIError(503, f"pattern {name!r} keeps {need} experts in a layer, more than this server's expert "
+                           f"budget of {self.pool.budget}", "server_error", "pattern_too_large")
+
+    async def choose_all(self, model_field: str | None, prompts: list[Prompt], queries: list[str]) -> None:
+        for p, q in zip(prompts, queries, strict=True):
+            p.choice = await run_in_threadpool(self.choose, model_field, q)
+            self.metrics["retrievals"].labels(p.choice.name, str(p.choice.fell_back).lower()).inc()
+
+    # -------------------------------------------------------------- running
+    def jobs(self, prompts: list[Prompt], params: SamplingParams, n: int, stream: bool, sink) -> list[Job]:
+        jobs = []
+        for i, p in enumerate(prompts):
+            for j in range(n):
+                index = i * n + j
+                # every sequence has its own generator: seed, seed+1, ... for the choices of a seeded request
+                seed = None if params.seed is None else (params.seed + index) % 2**63
+                jobs.append(Job(p.choice.pattern, p.ids, replace(params, seed=seed, max_tokens=p.max_tokens), index,
+                                sink, stream=stream))
+        return jobs
+
+    def submit(self, jobs: list[Job]) -> None:
+        try:
+            self.engine.submit(jobs)
+        except QueueFull as e:
+            raise APIError(429, str(e), "rate_limit_error", "queue_full") from None
+        except MoepruneError as e:
+            raise APIError(503, str(e), "server_error", "shutting_down") from None
+
+    async def collect(self, request: Request, jobs: list[Job], events: asyncio.Queue) -> dict[int, Result]:
+        """Wait for every sequence; a client that disconnects cancels them all (ClientGone)."""
+        results: dict[int, Result] = {}
+        gone = asyncio.ensure_future(_client_gone(request))
+        try:
+            while len(results) < len(jobs):
+                get = asyncio.ensure_future(events.get())
+                done, _ = await asyncio.wait({get, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if get not in done:
+                    get.cancel()
+                    raise ClientGone
+                index, kind, payload = get.result()
+                if kind == "done":
+                    results[index] = payload
+                elif kind == "error":
+                    raise APIError(503, f"generation failed: {payload}", "server_error", "generation_failed")
+            return results
+        finally:
+            gone.cancel()
+            for job in jobs:
+                job.cancelled.set()  # no-op for finished ones; frees the slots of the rest
+
+    def count_tokens(self, prompts: list[Prompt], completion: int) -> dict:
+        prompt = sum(len(p.ids) for p in prompts)
+        self.metrics["tokens"].labels("prompt").inc(prompt)
+        self.metrics["tokens"].labels("completion").inc(completion)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: the next message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
+    def sink(index: int, kind: str, payload) -> None:
+        loop.call_soon_threadsafe(events.put_nowait, (index, kind, payload))
+    return sink
+
+
+# ---------------------------------------------------------------------------------------------- the app
+def create_app(pool: ExpertPool, store, config: ServeConfig, engine: Engine | None = None):
+    """The ASGI application (FastAPI behind the Gate) over an expert pool and a pattern store."""
     from contextlib import asynccontextmanager
 
-    from prometheus_client import generate_latest
-
-    tok = pool.tokenizer
-    if tok is None:
-        raise MoepruneError(f"{pool.path} has no tokenizer: the server needs one")
-    engine = Engine(pool, tok, max_batch=config.max_batch, max_queue=config.max_queue)
     metrics = _metrics()
-    base = config.model_name
+    service = Service(pool, store, config, metrics, engine)
 
     @asynccontextmanager
     async def lifespan(app):
         yield
-        await run_in_threadpool(engine.shutdown)  # drain: queued and running requests finish
+        await run_in_threadpool(service.engine.shutdown)  # drain: queued and running requests finish
 
-    app = FastAPI(title="moeprune", lifespan=lifespan)
-    app.state.engine, app.state.pool, app.state.store = engine, pool, store
+    app = FastAPI(title="moeprune", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+    app.state.service = service
 
-    @app.middleware("http")
-    async def auth(request: Request, call_next):
-        if config.api_key and request.url.path != "/health":
-            header = request.headers.get("authorization", "")
-            if header != f"Bearer {config.api_key}":
-                e = APIError(401, "missing or wrong API key (send Authorization: Bearer <key>)",
-                             "authentication_error", "invalid_api_key")
-                metrics["requests"].labels(request.url.path, "401").inc()
-                return _error_response(e)
-        return await call_next(request)
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        if e.status_code == 404:
+            message = (f"no route {request.method} {request.url.path}; this server serves "
+                       f"{', '.join(ROUTES)}")
+            return JSONResponse(APIError(404, message, code="not_found").body(), status_code=404)
+        if e.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+            return JSONResponse(APIError(405, message, code="method_not_allowed").body(), status_code=405)
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "queue": engine.depth}
+        skipped = dict(getattr(store, "skipped", {}) or {})
+        return {"status": "ok", "queue": service.engine.depth,
+                "store": {"patterns": len(store.names()), "skipped": skipped}}
 
     @app.get("/v1/models")
     async def models():
-        now = int(time.time())
-        data = [{"id": base, "object": "model", "created": now, "owned_by": "moeprune"},
-                {"id": f"{base}:full", "object": "model", "created": now, "owned_by": "moeprune"}]
-        data += [{"id": f"{base}:{n}", "object": "model", "created": now, "owned_by": "moeprune"}
-                 for n in store.names()]
-        return {"object": "list", "data": data}
+        now, base = int(time.time()), config.model_name
+        ids = [base, f"{base}:full", *(f"{base}:{n}" for n in store.names())]
+        return {"object": "list", "data": [{"id": i, "object": "model", "created": now, "owned_by": "moeprune"}
+                                           for i in ids]}
 
     @app.get("/metrics")
     async def metrics_route():
-        s = pool.stats
+        from prometheus_client import generate_latest
+
+        s, engine_ = pool.stats, service.engine
         metrics["loads"].set(s["loads"])
         metrics["evictions"].set(s["evictions"])
         metrics["bytes"].set(s["bytes_read"])
         metrics["resident"].set(sum(s["resident"].values()))
-        metrics["queue"].set(engine.depth)
-        sizes = engine.batch_sizes
+        metrics["queue"].set(engine_.depth)
+        sizes = engine_.batch_sizes
         metrics["batch"].set(sum(sizes) / len(sizes) if sizes else 0)
-        metrics["stopped"].set(engine.stopped_early)
-        return PlainTextResponse(generate_latest(metrics["registry"]).decode(),
-                                 media_type="text/plain; version=0.0.4")
-
-    def choose_pattern(model_field: str | None, query: str) -> tuple[Pattern, str, bool, dict]:
-        """(pattern, name, fell_back, details) for a request: pinned, full, or retrieved."""
-        if model_field and model_field not in (base,) and ":" not in model_field:
-            raise APIError(404, f"unknown model {model_field!r}; see GET /v1/models", code="model_not_found",
-                           param="model")
-        if model_field and ":" in model_field:
-            head, name = model_field.split(":", 1)
-            if head != base:
-                raise APIError(404, f"unknown model {head!r}; this server serves {base!r}", code="model_not_found",
-                               param="model")
-            if name == "full":
-                if pool.budget < pool.num_experts:
-                    raise APIError(400, f"the full model needs {pool.num_experts} experts per layer, the expert "
-                                   f"budget is {pool.budget}", param="model")
-                full = Pattern({layer: list(range(pool.num_experts)) for layer in pool.layers},
-                               {"num_experts": pool.num_experts, "fingerprint": pool.fingerprint})
-                return full, "full", False, {"reason": "requested"}
-            pinned = store.find(name)
-            if pinned is None:
-                raise APIError(404, f"no stored pattern {name!r}; see GET /v1/models", code="model_not_found",
-                               param="model")
-            return pinned, name, False, {"reason": "pinned"}
-        match = store.search(query, pool.model, tok, expert_budget=pool.budget)
-        pattern, name = match.pattern, match.name or ("union" if match.fell_back else "?")
-        if max(pattern.counts.values()) > pool.budget:  # all experts do not fit: serve the nearest pattern
-            name = max(match.votes, key=match.votes.get)
-            pattern = store.find(name) or store.get(name).pattern  # get() names a vanished entry
-            reason = match.reason + f"; all experts exceed the budget of {pool.budget}, serving {name}"
-        else:
-            reason = match.reason
-        details = {"reason": reason, "score": round(match.score, 4), "confidence": round(match.confidence, 4),
-                   "runner_up": match.runner_up}
-        return pattern, name, match.fell_back, details
-
-    def parse_common(body: dict) -> dict:
-        max_tokens = body.get("max_tokens", body.get("max_completion_tokens")) or config.default_max_tokens
-        if not isinstance(max_tokens, int) or max_tokens < 1:
-            raise APIError(400, "max_tokens must be a positive integer", param="max_tokens")
-        if max_tokens > config.max_tokens_cap:
-            raise APIError(400, f"max_tokens {max_tokens} exceeds this server's cap of {config.max_tokens_cap}",
-                           param="max_tokens")
-        temperature = body.get("temperature", 1.0)
-        top_p = body.get("top_p", 1.0)
-        if temperature is None:
-            temperature = 1.0
-        if top_p is None:
-            top_p = 1.0
-        if not isinstance(temperature, (int, float)) or not 0 <= temperature <= 2:
-            raise APIError(400, "temperature must be between 0 and 2", param="temperature")
-        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-            raise APIError(400, "top_p must be in (0, 1]", param="top_p")
-        stop = body.get("stop") or ()
-        if isinstance(stop, str):
-            stop = (stop,)
-        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
-            raise APIError(400, "stop must be a string or a list of up to 4 strings", param="stop")
-        seed = body.get("seed")
-        if seed is not None and not isinstance(seed, int):
-            raise APIError(400, "seed must be an integer", param="seed")
-        if body.get("n", 1) not in (1, None):
-            raise APIError(400, "only n=1 is supported", param="n")
-        return {"max_tokens": max_tokens, "temperature": float(temperature), "top_p": float(top_p),
-                "stop": tuple(stop), "seed": seed, "stream": bool(body.get("stream", False))}
-
-    async def read_body(request: Request) -> dict:
-        try:
-            body = json.loads(await request.body())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the request body is not valid JSON: {e}") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the request body must be a JSON object")
-        return body
-
-    def encode(text: str) -> list[int]:
-        ids = tok(text, add_special_tokens=True, verbose=False)["input_ids"]
-        if not ids:
-            raise APIError(400, "the prompt is empty", param="prompt")
-        if len(ids) > config.max_prompt_tokens:
-            raise APIError(400, f"the prompt has {len(ids)} tokens, more than this server's limit of "
-                           f"{config.max_prompt_tokens}", code="context_length_exceeded")
-        return ids
-
-    async def run(endpoint: str, request: Request, chat: bool):
-        t0 = time.perf_counter()
-        status = "200"
-        engine.arrive(+1)
-        arriving = True
-        try:
-            body = await read_body(request)
-            params = parse_common(body)
-            if chat:
-                messages = body.get("messages")
-                if not isinstance(messages, list) or not messages or not all(
-                        isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role") for m in messages):
-                    raise APIError(400, "messages must be a non-empty list of {role, content} objects",
-                                   param="messages")
-                if getattr(tok, "chat_template", None):
-                    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-                else:
-                    text = render(messages, tok) + "\nassistant:"
-                users = [m["content"] for m in messages if m["role"] == "user"]
-                # retrieve from the latest user turn, with the turn before it as context
-                query = "\n".join(m["content"] for m in messages[-2:]) if not users else \
-                    "\n".join([*([messages[-2]["content"]] if len(messages) > 1 else []), users[-1]])
-            else:
-                prompt = body.get("prompt")
-                if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-                    prompt = prompt[0]
-                if not isinstance(prompt, str):
-                    raise APIError(400, "prompt must be a string", param="prompt")
-                text = query = prompt
-            if not query.strip():
-                raise APIError(400, "the prompt is empty", param="prompt")
-            ids = encode(text)
-            pattern, name, fell_back, details = await run_in_threadpool(choose_pattern, body.get("model"), query)
-            metrics["retrievals"].labels(name, str(fell_back).lower()).inc()
-            loop = asyncio.get_running_loop()
-            job = Job(pattern, ids, params["max_tokens"], params["temperature"], params["top_p"], params["stop"],
-                      params["seed"], params["stream"], loop, asyncio.Queue())
-            try:
-                engine.submit(job)
-                engine.arrive(-1)
-                arriving = False
-            except QueueFull as e:
-                raise APIError(429, str(e), "rate_limit_error", "queue_full") from None
-            except MoepruneError as e:
-                raise APIError(503, str(e), "server_error", "shutting_down") from None
-            info = {"pattern": name, "fell_back": fell_back, **details}
-            headers = {"x-moeprune-pattern": name, "x-moeprune-fallback": str(fell_back).lower()}
-            rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
-            model_id = body.get("model") or base
-            metrics["tokens"].labels("prompt").inc(len(ids))
-            if params["stream"]:
-                gen = stream(job, rid, model_id, chat, info)
-                return StreamingResponse(gen, media_type="text/event-stream", headers=headers)
-            try:
-                kind, payload = await job.events.get()
-                while kind == "token":
-                    kind, payload = await job.events.get()
-            except asyncio.CancelledError:
-                job.cancelled.set()
-                raise
-            if kind == "error":
-                raise APIError(500, f"generation failed: {payload}", "server_error")
-            text_out, new_ids, finish = payload
-            metrics["tokens"].labels("completion").inc(len(new_ids))
-            usage = {"prompt_tokens": len(ids), "completion_tokens": len(new_ids),
-                     "total_tokens": len(ids) + len(new_ids)}
-            return JSONResponse(full_response(rid, model_id, chat, text_out, finish, usage, info), headers=headers)
-        except APIError as e:
-            status = str(e.status)
-            return _error_response(e)
-        finally:
-            if arriving:
-                engine.arrive(-1)
-            metrics["requests"].labels(endpoint, status).inc()
-            metrics["latency"].labels(endpoint).observe(time.perf_counter() - t0)
-
-    def full_response(rid, model_id, chat, text, finish, usage, info) -> dict:
-        from openai.types import Completion, CompletionChoice, CompletionUsage
-        from openai.types.chat import ChatCompletion
-        from openai.types.chat.chat_completion import Choice
-        from openai.types.chat.chat_completion_message import ChatCompletionMessage
-
-        now = int(time.time())
-        if chat:
-            obj = ChatCompletion(id=rid, created=now, model=model_id, object="chat.completion", choices=[Choice(
-                index=0, finish_reason=finish, message=ChatCompletionMessage(role="assistant", content=text))],
-                usage=CompletionUsage(**usage))
-        else:
-            obj = Completion(id=rid, created=now, model=model_id, object="text_completion", choices=[
-                CompletionChoice(index=0, text=text, finish_reason=finish)], usage=CompletionUsage(**usage))
-        return {**obj.model_dump(exclude_none=True), "moeprune": info}
-
-    async def stream(job: Job, rid: str, model_id: str, chat: bool, info: dict):
-        from openai.types import Completion, CompletionChoice
-        from openai.types.chat import ChatCompletionChunk
-        from openai.types.chat.chat_completion_chunk import Choice, ChoiceDelta
-
-        now = int(time.time())
-        hold = max((len(s) for s in job.stop), default=1) - 1  # text that could still start a stop string
-
-        def chunk(text: str, finish: str | None) -> str:
-            if chat:
-                obj = ChatCompletionChunk(id=rid, created=now, model=model_id, object="chat.completion.chunk",
-                                          choices=[Choice(index=0, delta=ChoiceDelta(content=text, role="assistant"),
-                                                          finish_reason=finish)])
-            else:
-                # streamed completion chunks carry finish_reason null until the last, which the
-                # (non-streaming) type does not allow: build it without validation
-                choice = CompletionChoice.model_construct(index=0, text=text, finish_reason=finish, logprobs=None)
-                obj = Completion.model_construct(id=rid, created=now, model=model_id, object="text_completion",
-                                                 choices=[choice])
-            data = obj.model_dump(exclude_none=True, warnings=False)
-            if not chat:
-                data["choices"][0]["finish_reason"] = finish
-            return f"data: {json.dumps({**data, 'moeprune': info})}\n\n"
-
-        generated: list[int] = []
-        sent = ""
-        try:
-            while True:
-                kind, payload = await job.events.get()
-                if kind == "token":
-                    generated += payload
-                    eos = tok.eos_token_id
-                    shown = [t for t in generated if t != eos]
-                    text = tok.decode(shown, skip_special_tokens=True)
-                    text, stopped = cut_at_stop(text, job.stop)
-                    ready = text if stopped else text[: max(len(sent), len(text) - hold)]
-                    if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-                        continue
-                    if len(ready) > len(sent):
-                        yield chunk(ready[len(sent):], None)
-                        sent = ready
-                    if stopped:
-                        job.cancelled.set()
-                elif kind == "done":
-                    text, new_ids, finish = payload
-                    if len(text) > len(sent):
-                        yield chunk(text[len(sent):], None)
-                    metrics["tokens"].labels("completion").inc(len(new_ids))
-                    yield chunk("", finish)
-                    yield "data: [DONE]\n\n"
-                    return
-                else:
-                    yield f"data: {json.dumps({'error': {'message': str(payload), 'type': 'server_error'}})}\n\n"
-                    return
-        finally:
-            job.cancelled.set()  # a client that went away frees its slot at the next token
+        metrics["stopped"].set(engine_.stopped_early)
+        metrics["skipped"].set(len(getattr(store, "skipped", {}) or {}))
+        return PlainTextResponse(generate_latest(metrics["registry"]).decode(), media_type="text/plain; version=0.0.4")
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        return await run("/v1/completions", request, chat=False)
+        req = parse_completion(parse_json(await request.body()), service.limits)
+        prompts = await service.completion_prompts(req)
+        await service.choose_all(req.model, prompts, [p.text for p in prompts])
+        return await _respond(service, request, req, prompts, chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        return await run("/v1/chat/completions", request, chat=True)
+        req = parse_chat(parse_json(await request.body()), service.limits)
+        prompt = await service.chat_prompt(req)
+        await service.choose_all(req.model, [prompt], [retrieval_query(req.messages)])
+        return await _respond(service, request, req, [prompt], chat=True)
 
-    return app
+    return Gate(app, config, metrics)
+
+
+async def _respond(service: Service, request: Request, req, prompts: list[Prompt], chat: bool):
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    jobs = service.jobs(prompts, req.params, req.n, req.stream, _sink(loop, events))
+    service.submit(jobs)
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+    model_id = req.model or service.config.model_name
+    info = prompts[0].choice.info()
+    if len(prompts) > 1:
+        info["prompts"] = [p.choice.info() for p in prompts]
+    headers = {"x-moeprune-pattern": prompts[0].choice.name,
+               "x-moeprune-fallback": str(prompts[0].choice.fell_back).lower()}
+    view = _View(service, req, prompts, chat, rid, model_id, info)
+    if req.stream:
+        return StreamingResponse(view.stream(jobs, events), media_type="text/event-stream", headers=headers)
+    try:
+        results = await service.collect(request, jobs, events)
+    except ClientGone:
+        return Response(status_code=499)  # nobody reads it; the metric records the client leaving
+    return JSONResponse(view.body(results), headers=headers)
+
+
+@dataclass
+class _View:
+    """Builds one request's response body or SSE stream from its sequences' results."""
+
+    service: Service
+    req: CompletionRequest | ChatRequest
+    prompts: list[Prompt]
+    chat: bool
+    rid: str
+    model_id: str
+    info: dict
+
+    def _prompt_of(self, index: int) -> Prompt:
+        return self.prompts[index // self.req.n]
+
+    def body(self, results: dict[int, Result]) -> dict:
+        s = self.service
+        usage = s.count_tokens(self.prompts, sum(len(r.token_ids) for r in results.values()))
+        ordered = [results[i] for i in sorted(results)]
+        created = int(time.time())
+        if self.chat:
+            return responses.chat_body(self.rid, created, self.model_id, ordered, usage, self.info,
+                                       token_text=s.token_text, logprobs=self.req.logprobs)
+        echoes = [self._prompt_of(i) for i in sorted(results)] if self.req.echo else None
+        return responses.completion_body(self.rid, created, self.model_id, ordered, usage, self.info,
+                                         token_text=s.token_text,
+                                         echo=[(p.text, p.ids) for p in echoes] if echoes else None)
+
+    async def stream(self, jobs: list[Job], events: asyncio.Queue):
+        s, req = self.service, self.req
+        created = int(time.time())
+        want_lp = req.logprobs if self.chat else req.params.logprobs is not None
+        texts = {j.index: responses.TextStream(s.decode, req.params.stop) for j in jobs}
+        pending: dict[int, list[TokenLogprob]] = {j.index: [] for j in jobs}  # logprobs whose text is held back
+        sent = {j.index: 0 for j in jobs}  # characters of each choice sent: text offsets count from here
+        started: set[int] = set()  # choices whose first chunk (chat role, echoed prompt) has gone out
+
+        def chunk(index: int, text: str, finish: str | None = None, prompt_lp=None) -> str:
+            lps, pending[index] = pending[index], []
+            first = index not in started
+            started.add(index)
+            if self.chat:
+                data = responses.chat_chunk(self.rid, created, self.model_id, index, text, finish, self.info,
+                                            first=first, logprobs=lps if want_lp else None, token_text=s.token_text)
+            elif prompt_lp is not None:
+                data = responses.completion_chunk(self.rid, created, self.model_id, index, text, None, self.info,
+                                                  logprobs=prompt_lp, token_text=s.token_text, offset=0,
+                                                  token_ids=self._prompt_of(index).ids)
+            else:
+                data = responses.completion_chunk(self.rid, created, self.model_id, index, text, finish, self.info,
+                                                  logprobs=lps if want_lp else None, token_text=s.token_text,
+                                                  offset=sent[index])
+            sent[index] += len(text)
+            return responses.sse(data)
+
+        def opening(index: int, prompt_lp=None) -> list[str]:
+            """A choice's first chunk: the echoed prompt (completions), or the role (chat)."""
+            if index in started:
+                return []
+            if self.chat:
+                return [chunk(index, "")]
+            if req.echo:
+                return [chunk(index, self._prompt_of(index).text, prompt_lp=prompt_lp)]
+            return []
+
+        finished, completion = 0, 0
+        try:
+            while finished < len(jobs):
+                index, kind, payload = await events.get()
+                if kind == "prompt":
+                    for line in opening(index, payload if want_lp else None):
+                        yield line
+                elif kind == "token":
+                    for line in opening(index):
+                        yield line
+                    token_id, lp = payload
+                    if lp is not None:
+                        pending[index].append(lp)
+                    text = texts[index].feed(token_id)
+                    if text:
+                        yield chunk(index, text)
+                elif kind == "done":
+                    result: Result = payload
+                    for line in opening(index, result.prompt_logprobs if want_lp else None):
+                        yield line
+                    completion += len(result.token_ids)
+                    rest = texts[index].finish(result.text)
+                    if rest:
+                        yield chunk(index, rest)
+                    yield chunk(index, "", result.finish_reason)
+                    finished += 1
+                else:
+                    yield responses.sse_error(f"generation failed: {payload}")
+                    return
+            usage = s.count_tokens(self.prompts, completion)
+            if req.include_usage:
+                yield responses.sse(responses.usage_chunk(self.rid, created, self.model_id, usage, chat=self.chat))
+            yield responses.SSE_DONE
+        finally:
+            for job in jobs:
+                job.cancelled.set()  # a client that went away frees its sequences at their next token
+
+
+# ---------------------------------------------------------------------------------------------- start-up
+def check_port(port: object) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+        raise MoepruneError(f"the port must be an integer from 1 to 65535, got {port!r}")
+    return port
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_budget_fits(store, budget: int | float, num_experts: int) -> int:
+    """The budget as a count per layer; refuses one that a stored pattern does not fit in."""
+    count = resolve_count(budget, num_experts, "the expert budget")
+    for name in store.names():
+        pattern = store.find(name)
+        if pattern is None:
+            continue
+        layer, need = max(pattern.counts.items(), key=lambda kv: kv[1])
+        if need > count:
+            raise MoepruneError(f"the expert budget ({count} per layer) is smaller than stored pattern {name!r} "
+                                f"({need} experts in layer {layer}): raise --expert-budget to at least {need}")
+    return count
 
 
 def serve(model: str, store_path: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
@@ -378,12 +641,18 @@ def serve(model: str, store_path: str, host: str = "127.0.0.1", port: int = 8000
 
     from ..store import PatternStore
 
-    store = PatternStore(store_path)
+    check_port(port)
+    api_key = api_key or os.environ.get("MOEPRUNE_API_KEY")
+    name = os.path.basename(os.path.normpath(str(model))) or "model"
+    config = ServeConfig(model_name=name, api_key=api_key, max_batch=max_batch, max_queue=max_queue)
+    store = PatternStore(store_path, on_corrupt="skip")
     store.info()  # fail fast on a missing or broken store
+    check_budget_fits(store, expert_budget, store.manifest["num_experts"])
+    if not is_loopback(host) and not api_key:
+        print(f"moeprune: warning: serving on {host} without an API key: anyone who can reach this address can "
+              f"use the server (set --api-key or MOEPRUNE_API_KEY)", file=sys.stderr)
     pool = ExpertPool(model, expert_budget, dtype=dtype)
     if pool.fingerprint != store.manifest["fingerprint"]:
         raise MoepruneError(f"the store {store_path} holds patterns of another model")
-    name = os.path.basename(os.path.normpath(str(model))) or "model"
-    app = create_app(pool, store, ServeConfig(model_name=name, api_key=api_key or os.environ.get("MOEPRUNE_API_KEY"),
-                                              max_batch=max_batch, max_queue=max_queue))
+    app = create_app(pool, store, config)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=30)
