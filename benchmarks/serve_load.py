@@ -10,6 +10,8 @@
 3. Pattern switch: pinned requests alternating between two patterns: bytes read and the extra
    latency of a switch, against `load_slim` of the same pattern from a cold page cache.
 4. Memory: peak RSS of the server process at a 50% expert budget and with every expert.
+5. A queue that fills: 16 clients against `--max-queue 4`; answered requests, 429s (counted
+   apart: the server refusing work it has no room for, as it should) and failures (anything else).
 
 The log goes to benchmarks/results/ (`--no-record` for a smoke run).
 
@@ -103,7 +105,7 @@ class Server:
 
     def metric(self, name: str) -> float:
         text = httpx.get(f"{self.url}/metrics").text
-        return float(next(line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")))
+        return float(next((line.split()[-1] for line in text.splitlines() if line.startswith(name + " ")), 0.0))
 
     def stop(self) -> int:
         self.proc.send_signal(signal.SIGINT)
@@ -121,8 +123,10 @@ def prompts() -> dict[str, list[str]]:
     return out
 
 
-def run_clients(url: str, jobs: list[dict], clients: int) -> tuple[list[float], int, int, float]:
-    """Send `jobs` from `clients` threads; (latencies, generated tokens, failures, wall seconds)."""
+def run_clients(url: str, jobs: list[dict], clients: int, refused: list[int] | None = None
+                ) -> tuple[list[float], int, int, float]:
+    """Send `jobs` from `clients` threads; (latencies, generated tokens, failures, wall seconds).
+    A 429 (queue full) is counted in `refused`, not as a failure, when a list is given for it."""
     lock = threading.Lock()
     queue = list(jobs)
     lat: list[float] = []
@@ -143,6 +147,8 @@ def run_clients(url: str, jobs: list[dict], clients: int) -> tuple[list[float], 
                     if r.status_code == 200:
                         lat.append(dt)
                         tokens[0] += r.json()["usage"]["completion_tokens"]
+                    elif r.status_code == 429 and refused is not None:
+                        refused.append(1)
                     else:
                         failures[0] += 1
 
@@ -257,6 +263,17 @@ def run(args: argparse.Namespace) -> None:
         print(f"peak RSS: budget 50% {rss_half2:.0f} MiB (first run {rss_half:.0f}), all experts {rss_full:.0f} MiB: "
               f"{rss_half2 / rss_full:.3f}x")
         print(f"server exit codes after Ctrl-C: {code_half}, {code_full}")
+
+        # 5. a queue that can fill: more clients than the queue holds
+        srv_q = Server(store, "0.5", max_queue=4)
+        refused: list[int] = []
+        lat, toks, fails, wall = run_clients(srv_q.url, mixed[:48], 16, refused)
+        served = srv_q.metric('moeprune_requests_total{endpoint="/v1/completions",status="200"}')
+        counted = srv_q.metric('moeprune_requests_total{endpoint="/v1/completions",status="429"}')
+        code_q = srv_q.stop()
+        print(f"queue of 4, 16 clients, 48 requests: {len(lat)} answered, {len(refused)} refused with 429 "
+              f"(the server's own count: {served:.0f} answered, {counted:.0f} refused), failed {fails}; "
+              f"answered latency p50 {pct(lat, 0.5):.2f} s p99 {pct(lat, 0.99):.2f} s; exit code {code_q}")
 
         if args.memory_model:
             add_char_tokenizer(args.memory_model)

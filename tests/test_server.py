@@ -4,6 +4,7 @@ the API surface clients use, no 500s, bounded under hostile input, batching, evi
 import asyncio
 import json
 import shutil
+import sys
 import threading
 
 import httpx2 as httpx  # what the openai client itself uses
@@ -184,6 +185,7 @@ def test_refused_fields_name_themselves(app, field, value):
     assert r.status_code == 400, r.text
     err = r.json()["error"]
     assert err["param"] == field and err["type"] == "invalid_request_error"
+    assert app.app.state.service.engine.arriving == 0  # a refused request no longer holds a batch back
 
 
 def test_unknown_routes_and_methods_get_openai_errors(app):
@@ -356,7 +358,7 @@ def test_queue_full_is_429_counted_apart(pool, store):
 
         refused, ok = call(app, fn)
         assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
-        assert [r.status_code for r in ok] == [200, 200]
+        assert [r.status_code for r in ok] == [200, 200] and engine.arriving == 0
         assert metric(app, "moeprune_requests_total", endpoint="/v1/completions", status="429") == 1
     finally:
         engine.shutdown()
@@ -440,3 +442,95 @@ def test_client_disconnect_cancels_non_streaming_generation(pool, store):
     finally:
         handle.remove()
         service.engine.shutdown()
+
+
+# ------------------------------------------------------------------------------------------ a changing store
+DECOY_TEXTS = {
+    "a0": [" ".join(str((i * 7919 + j * 104729) % 1000) for j in range(120)) for i in range(6)],
+    "a1": [f'<div class="row"><span id="c{i}">{"&nbsp;" * 20}</span></div>\n' * 12 for i in range(6)],
+}
+
+
+def _churn(path: str, source: str) -> None:
+    """The other process: adds and removes the decoys (sometimes leaving the index stale) until stdin closes."""
+    import os
+    import sys
+
+    from moeprune.store import PatternStore
+
+    os.fsync = lambda fd: None  # never killed mid-write here; without fsync it changes the store far more often
+    src, s = PatternStore(source), PatternStore(path)
+    made = {n: (src.profile(n), src.get(n).pattern) for n in src.names()}
+    changes = [0]
+
+    def until_stdin_closes():
+        sys.stdin.read()
+        print(changes[0], flush=True)
+        os._exit(0)
+
+    threading.Thread(target=until_stdin_closes, daemon=True).start()
+    print("ready", flush=True)
+    while True:
+        i = changes[0]
+        name = sorted(made)[i % len(made)]
+        if name in s:
+            s.remove(name)
+        else:
+            s.add(name, *made[name], rebuild=i % 3 != 1)
+        changes[0] += 1
+
+
+def test_serving_while_another_process_adds_and_removes_patterns(pool, demo_store_path, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import moeprune
+    from moeprune.demo import DEMO_DATA
+    from moeprune.prompts import read_prompts
+    from moeprune.store import PatternStore
+
+    model = AutoModelForCausalLM.from_pretrained(DEMO_MODEL, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(DEMO_MODEL)
+    source = PatternStore(tmp_path / "decoys")
+    for name, texts in DECOY_TEXTS.items():
+        prof = moeprune.profile(model, texts, tokenizer=tok, max_length=128)
+        source.add(name, prof, prof.select(keep=0.5))
+    shutil.copytree(demo_store_path, tmp_path / "store")
+    store = PatternStore(tmp_path / "store", on_corrupt="skip")
+    queries = [(d, p[:600]) for d in ("python", "legal", "bible") for p in read_prompts(DEMO_DATA / f"{d}.eval.jsonl")]
+    app = make_app(pool, store)
+
+    def route_all():
+        async def fn(client, http):  # all at once: the server's threads search the store side by side
+            rs = await asyncio.gather(*(http.post("/v1/completions", json={"prompt": q, "max_tokens": 1})
+                                        for _, q in queries))
+            return [(r.status_code, r.headers.get("x-moeprune-pattern")) for r in rs]
+        return call(app, fn)
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(DEMO_MODEL.parents[1]))
+    child = subprocess.Popen([sys.executable, __file__, "--churn", str(tmp_path / "store"), str(tmp_path / "decoys")],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        quiet = route_all()
+        assert all(s == 200 for s, _ in quiet)
+        expected = [name for _, name in quiet]
+        assert sum(name == d for name, (d, _) in zip(expected, queries, strict=True)) >= len(queries) - 2
+        assert child.stdout.readline().strip() == "ready"
+        busy = route_all() + route_all()
+        child.stdin.close()
+        changes = int(child.stdout.readline())
+        assert changes >= 5, f"the other process changed the store only {changes} times"
+        assert [s for s, _ in busy] == [200] * len(busy)
+        assert [n for _, n in busy] == expected * 2  # the decoys never take a query, nor break one
+    finally:
+        if not child.stdin.closed:
+            child.stdin.close()
+        child.wait(timeout=120)
+        app.app.state.service.engine.shutdown()
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--churn"]:
+    _churn(sys.argv[2], sys.argv[3])

@@ -463,26 +463,51 @@ def create_app(pool: ExpertPool, store, config: ServeConfig, engine: Engine | No
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        req = parse_completion(parse_json(await request.body()), service.limits)
-        prompts = await service.completion_prompts(req)
-        await service.choose_all(req.model, prompts, [p.text for p in prompts])
-        return await _respond(service, request, req, prompts, chat=False)
+        with _Arrival(service.engine) as arrival:
+            req = parse_completion(parse_json(await request.body()), service.limits)
+            prompts = await service.completion_prompts(req)
+            await service.choose_all(req.model, prompts, [p.text for p in prompts])
+            return await _respond(service, request, req, prompts, False, arrival)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        req = parse_chat(parse_json(await request.body()), service.limits)
-        prompt = await service.chat_prompt(req)
-        await service.choose_all(req.model, [prompt], [retrieval_query(req.messages)])
-        return await _respond(service, request, req, [prompt], chat=True)
+        with _Arrival(service.engine) as arrival:
+            req = parse_chat(parse_json(await request.body()), service.limits)
+            prompt = await service.chat_prompt(req)
+            await service.choose_all(req.model, [prompt], [retrieval_query(req.messages)])
+            return await _respond(service, request, req, [prompt], True, arrival)
 
     return Gate(app, config, metrics)
 
 
-async def _respond(service: Service, request: Request, req, prompts: list[Prompt], chat: bool):
+class _Arrival:
+    """Counts a request the engine may soon receive, so a batch about to form waits for it (briefly)."""
+
+    def __init__(self, engine: Engine):
+        self.engine, self.open = engine, False
+
+    def __enter__(self) -> _Arrival:
+        self.engine.arrive(+1)
+        self.open = True
+        return self
+
+    def done(self) -> None:
+        if self.open:
+            self.open = False
+            self.engine.arrive(-1)
+
+    def __exit__(self, *exc) -> None:
+        self.done()
+
+
+async def _respond(service: Service, request: Request, req, prompts: list[Prompt], chat: bool, arrival: _Arrival):
     loop = asyncio.get_running_loop()
     events: asyncio.Queue = asyncio.Queue()
     jobs = service.jobs(prompts, req.params, req.n, req.stream, _sink(loop, events))
-    service.submit(jobs)
+    try:
+        service.submit(jobs)
+    finally:
+        arrival.done()
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     model_id = req.model or service.config.model_name
     info = prompts[0].choice.info()
