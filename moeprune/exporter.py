@@ -5,6 +5,10 @@ custom code.
 It streams: the output is planned from the safetensors headers, then written shard by shard, so
 at most one output shard's tensors are in memory. Kept experts are renumbered 0..k-1 (transformers
 stacks whatever expert keys exist in sorted order and ignores their ids).
+
+Quantized checkpoints keep their format: a kept expert's tensors and their companions (block FP8
+`weight_scale_inv`) are copied byte for byte, after the codec has checked them from the header;
+a scheme moeprune has no codec for is refused, as is a quantization_config that names experts by id.
 """
 
 from __future__ import annotations
@@ -23,14 +27,13 @@ from tqdm.auto import tqdm
 
 from . import _faults
 from ._io import atomic_dir, check_output_dir
+from .checkpoint import Checkpoint
 from .errors import MoepruneError
 from .fingerprint import fingerprint_from_parts
 from .models import check_model_path
 from .pattern import Pattern, as_pattern
 from .reader import CheckpointReader
-from .routers import get_adapter
 from .routers.base import MoEAdapter
-from .slim import check_pattern, checkpoint_fingerprint, load_config, read_routers
 from .version import __version__
 
 _WEIGHT_FILES = re.compile(r".*\.(safetensors|bin|pt|pth|ckpt|gguf|msgpack|h5)$|^model\.safetensors\.index\.json$")
@@ -61,8 +64,9 @@ class _Out:
     load: Callable[[], torch.Tensor]
 
 
-def _plan(reader: CheckpointReader, adapter: MoEAdapter, pattern: Pattern, routers: dict) -> list[_Out]:
+def _plan(ckpt: Checkpoint, pattern: Pattern, routers: dict) -> list[_Out]:
     """Every output tensor, in checkpoint order, with how to read it."""
+    reader, adapter = ckpt.reader, ckpt.adapter
     layers = set(pattern.kept)
     new_id = {layer: {old: new for new, old in enumerate(ids)} for layer, ids in pattern.kept.items()}
     router_ckpt = {}
@@ -70,20 +74,20 @@ def _plan(reader: CheckpointReader, adapter: MoEAdapter, pattern: Pattern, route
         for mem, ck in zip(adapter.router_keys(layer), adapter.ckpt_router_keys(layer), strict=True):
             router_ckpt[ck] = (layer, mem)
             router_ckpt[mem] = (layer, mem)
-    per_expert = re.compile(r"^model\.layers\.(\d+)\.[^.]+\.experts\.(\d+)\.(.+)$")
-    fused = re.compile(r"^model\.layers\.(\d+)\.[^.]+\.experts\.([a-z_]+)$")
     plan: list[_Out] = []
     for key in sorted(reader.keys()):
-        m = per_expert.match(key)
-        if m and int(m.group(1)) in layers:
-            layer, expert = int(m.group(1)), int(m.group(2))
+        # per-expert keys are matched whatever their suffix: quantization companions travel with
+        # their weight, byte for byte, renumbered like it
+        split = adapter.split_expert_key(key)
+        if split and split[0] in layers:
+            layer, expert, _ = split
             if expert in new_id[layer]:
-                name = f"{key[: m.start(2)]}{new_id[layer][expert]}.{m.group(3)}"
+                name = adapter.renumber_expert_key(key, new_id[layer][expert])
                 plan.append(_Out(name, reader.nbytes(key), lambda key=key: reader.get(key)))
             continue
-        m = fused.match(key)
-        if m and int(m.group(1)) in layers:
-            plan += _plan_fused(reader, adapter, key, int(m.group(1)), m.group(2), pattern.kept[int(m.group(1))])
+        fused = adapter.split_fused_key(key)
+        if fused and fused[0] in layers:
+            plan += _plan_fused(ckpt, key, fused[0], fused[1], pattern.kept[fused[0]])
             continue
         if key in router_ckpt:
             layer, mem = router_ckpt[key]
@@ -96,26 +100,58 @@ def _plan(reader: CheckpointReader, adapter: MoEAdapter, pattern: Pattern, route
     return plan
 
 
-def _plan_fused(reader, adapter: MoEAdapter, key: str, layer: int, tensor: str, kept: list[int]) -> list[_Out]:
+class _RowOnce:
+    """One expert's row of a fused tensor, read once and handed out in parts (gate, up), then dropped."""
+
+    def __init__(self, reader: CheckpointReader, key: str, row: int, uses: int):
+        self.reader, self.key, self.row, self.left = reader, key, row, uses
+        self._data: torch.Tensor | None = None
+
+    def part(self, index: int, count: int) -> torch.Tensor:
+        if self._data is None:
+            self._data = self.reader.get_rows(self.key, [self.row])[0]
+        out = self._data.chunk(count, dim=0)[index].contiguous()
+        self.left -= 1
+        if self.left == 0:
+            self._data = None
+        return out
+
+
+def _plan_fused(ckpt: Checkpoint, key: str, layer: int, tensor: str, kept: list[int]) -> list[_Out]:
     """Kept rows of a fused expert tensor; split into hub per-expert keys where the family has them."""
+    reader, adapter = ckpt.reader, ckpt.adapter
     row_bytes = reader.nbytes(key) // max(1, reader.shape(key)[0])
-    if adapter.ckpt_expert_projs is None:
+    if not adapter.expert_parts(layer, 0):  # fused on the hub too: every companion has the expert on dim 0
         return [_Out(key, row_bytes * len(kept), lambda: reader.get_rows(key, kept))]
-    gate, up, down = adapter.ckpt_expert_projs
+    if not any(p.tensor == tensor for p in adapter.expert_parts(layer, 0)):
+        raise MoepruneError(f"cannot export fused expert tensor {key} in the per-expert layout")
+    if ckpt.codec.companions(reader, key):
+        raise MoepruneError(f"cannot split the quantized fused expert tensor {key} into per-expert keys "
+                            f"(its {', '.join(ckpt.codec.companions(reader, key))} would need splitting too)")
     out = []
     for new, old in enumerate(kept):
-        base = f"model.layers.{layer}.{adapter.ckpt_block}.experts.{new}"
-        if tensor == "gate_up_proj":
-            def half(i, old=old):
-                return lambda: reader.get_rows(key, [old])[0].chunk(2, dim=0)[i].contiguous()
-
-            out += [_Out(f"{base}.{gate}.weight", row_bytes // 2, half(0)),
-                    _Out(f"{base}.{up}.weight", row_bytes // 2, half(1))]
-        elif tensor == "down_proj":
-            out.append(_Out(f"{base}.{down}.weight", row_bytes, lambda old=old: reader.get_rows(key, [old])[0]))
-        else:
-            raise MoepruneError(f"cannot export fused expert tensor {key} in the per-expert layout")
+        parts = [p for p in adapter.expert_parts(layer, new) if p.tensor == tensor]
+        row = _RowOnce(reader, key, old, len(parts))
+        out += [_Out(p.key, row_bytes // p.count, lambda row=row, p=p: row.part(p.index, p.count)) for p in parts]
     return out
+
+
+def _check_quantization_lists(data: dict, adapter: MoEAdapter) -> None:
+    """Refuse a quantization_config that names experts by id: renumbering them is not done yet."""
+    def strings(x):
+        if isinstance(x, str):
+            yield x
+        elif isinstance(x, dict):
+            for v in x.values():
+                yield from strings(v)
+        elif isinstance(x, list):
+            for v in x:
+                yield from strings(v)
+
+    named = [s for s in strings(data.get("quantization_config")) if not s.startswith("re:") and adapter.names_expert(s)]
+    if named:
+        raise MoepruneError(f"quantization_config names experts by id (e.g. {named[0]!r}); the export would "
+                            f"renumber the experts, and rewriting those lists is not implemented yet")
 
 
 def _shards(plan: list[_Out], max_bytes: int) -> list[list[_Out]]:
@@ -222,13 +258,14 @@ def export(
     max_bytes = parse_size(max_shard_size)
     # before any reading: replacing a folder that is, holds or lies inside the source would destroy it
     out = check_output_dir(out_dir, force=force, protect=(src,), what="export folder")
-    config = load_config(str(src))
-    adapter = get_adapter(config)
-    with CheckpointReader(src) as reader:
-        routers = read_routers(reader, adapter, adapter.moe_layers(config))
-        check_pattern(pattern, config, adapter, checkpoint_fingerprint(config, routers, adapter,
-                                                                       adapter.moe_layers(config)))
-        plan = _plan(reader, adapter, pattern, routers)
+    with Checkpoint(src) as ckpt:  # refuses a quantization scheme it has no codec for
+        config, adapter = ckpt.config, ckpt.adapter
+        routers = ckpt.read_routers()
+        ckpt.check_pattern(pattern, ckpt.fingerprint(routers))
+        for layer, ids in pattern.kept.items():  # every kept expert complete, scale grids as the codec expects
+            ckpt.check_experts(layer, ids)
+        _check_quantization_lists(json.loads((src / "config.json").read_text()), adapter)
+        plan = _plan(ckpt, pattern, routers)
         shards = _shards(plan, max_bytes)
         with atomic_dir(out, overwrite=force, protect=(src,)) as tmp:
             names = (["model.safetensors"] if len(shards) == 1 else

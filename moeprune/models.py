@@ -87,11 +87,21 @@ def load_model(path: str | os.PathLike, dtype=None, device: str = "cpu"):
     """(model, tokenizer) from a local folder or a hub id; a clear error when neither works."""
     from transformers import AutoModelForCausalLM
 
+    from .codecs import codec_for, codec_for_folder
     from .routers import get_adapter
 
     src = check_model_path(path)
     config = load_config(src)
     get_adapter(config)  # refuse dense or unsupported models before reading any weight
+    # a quantization scheme moeprune has no codec for is refused, not left to transformers' guess
+    local = Path(src).is_dir()
+    codec = codec_for_folder(src) if local else codec_for(getattr(config, "quantization_config", None), where=src)
+    if codec.name != "none":
+        from .slim import load_full
+
+        # moeprune's own decoding: deterministic, and it does not depend on the machine (a GPU would
+        # otherwise get native FP8 experts, which the recording hooks do not drive)
+        return load_full(src, dtype=dtype, device=device), load_tokenizer(src)
     try:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=parse_dtype(dtype) or "auto")
     except Exception as e:

@@ -116,6 +116,38 @@ def test_export_refusals(tmp_path, exported):
         export(src, pattern, src, force=True)
 
 
+def test_export_from_fused_experts_reads_each_row_once(tmp_path, monkeypatch):
+    """A checkpoint with experts fused on disk exports to hub per-expert keys (gate and up split from
+    one read of each kept row) and equals load_slim of the source."""
+    from safetensors.torch import save_file
+
+    from moeprune.reader import CheckpointReader
+
+    full = save_tiny("qwen3_moe", tmp_path / "tiny")
+    src = tmp_path / "fused"
+    full.config.save_pretrained(src)
+    save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(src / "model.safetensors"))
+    pattern = Pattern({layer: [1, 3, 4, 6] for layer in range(3)},
+                      {"num_experts": 8, "fingerprint": moeprune.fingerprint.model_fingerprint(full)})
+    rows = []
+    real = CheckpointReader.get_rows
+    monkeypatch.setattr(CheckpointReader, "get_rows",
+                        lambda self, name, r, out=None: rows.append((name, tuple(r))) or real(self, name, r, out))
+    out = export(src, pattern, tmp_path / "out")
+    gate_up = [r for r in rows if r[0].endswith("gate_up_proj")]
+    assert sorted(gate_up) == sorted((f"model.layers.{i}.mlp.experts.gate_up_proj", (e,))
+                                     for i in range(3) for e in (1, 3, 4, 6))
+    with CheckpointReader(out) as reader:
+        keys = reader.keys()
+    assert "model.layers.0.mlp.experts.3.up_proj.weight" in keys and not any(k.endswith("gate_up_proj") for k in keys)
+    monkeypatch.undo()
+    full_pattern = Pattern({layer: [0, 1, 2, 3] for layer in range(3)}, {"num_experts": 4})
+    with torch.no_grad():
+        want = load_slim(src, pattern)(torch.tensor(IDS)).logits
+        got = load_slim(out, full_pattern, verify=False)(torch.tensor(IDS)).logits
+    assert (want - got).abs().max().item() <= 1e-6
+
+
 def test_failed_export_leaves_nothing(tmp_path, exported, monkeypatch):
     import moeprune.exporter as ex
 

@@ -9,7 +9,9 @@ unselectable so that the masked model equals a model that holds only the kept ex
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -17,6 +19,24 @@ from torch import nn
 from ..errors import MoepruneError
 
 NEG_INF = float("-inf")
+
+# Hub checkpoint keys of experts: per expert (`...experts.{e}.{rest}`, any block name) or fused over
+# experts (`...experts.{tensor}`). Suffix-agnostic: quantization companions match as well.
+_EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.[^.]+\.experts\.(\d+)\.(.+)$")
+_FUSED_KEY = re.compile(r"^model\.layers\.(\d+)\.[^.]+\.experts\.([a-z_]+)$")
+_LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
+_NAMES_EXPERT = re.compile(r"(^|\.)experts\.\d+(\.|$)")
+
+
+@dataclass(frozen=True)
+class ExpertPart:
+    """One per-expert checkpoint weight and where it sits in the fused in-memory expert tensor:
+    part `index` of `count` equal parts stacked along dim 0 of the expert's row of `tensor`."""
+
+    tensor: str  # fused expert tensor attribute, e.g. "gate_up_proj"
+    key: str  # per-expert checkpoint key of the weight (its codec companions go with it)
+    index: int
+    count: int
 
 
 class MoEAdapter:
@@ -153,6 +173,75 @@ class MoEAdapter:
     def ckpt_fused_keys(self, layer: int) -> list[str]:
         """Fused checkpoint names of a layer's experts (GPT-OSS on the hub; any family after conversion)."""
         return [f"model.layers.{layer}.{self.ckpt_block}.experts.{t}" for t in self.expert_tensors]
+
+    # ------------------------------------------------------------------ checkpoint layout
+    def ckpt_candidates(self, name: str) -> list[str]:
+        """Checkpoint keys that may hold in-memory tensor `name`, in order of preference (hub
+        spellings differ: block_sparse_moe, gate)."""
+        b, r = self.block_attr, self.router_attr
+        return list(dict.fromkeys([
+            name,
+            name.replace(f".{b}.{r}.", f".{self.ckpt_block}.{self.ckpt_router}."),
+            name.replace(f".{b}.", f".{self.ckpt_block}."),
+        ]))
+
+    def expert_parts(self, layer: int, expert: int) -> list[ExpertPart]:
+        """How one expert's per-expert checkpoint weights make its rows of the fused tensors:
+        gate then up stacked into `gate_up_proj`, down alone in `down_proj`. [] when the family
+        is fused on disk."""
+        keys = self.ckpt_expert_keys(layer, expert)
+        if not keys:
+            return []
+        gate, up, down = keys
+        gate_up, down_proj = self.expert_tensors[:2]
+        return [ExpertPart(gate_up, gate, 0, 2), ExpertPart(gate_up, up, 1, 2), ExpertPart(down_proj, down, 0, 1)]
+
+    @staticmethod
+    def split_expert_key(key: str) -> tuple[int, int, str] | None:
+        """(layer, expert, rest) of a per-expert checkpoint key, or None."""
+        m = _EXPERT_KEY.match(key)
+        return (int(m.group(1)), int(m.group(2)), m.group(3)) if m else None
+
+    @staticmethod
+    def renumber_expert_key(key: str, new: int) -> str:
+        """Per-expert checkpoint key `key` with its expert id replaced by `new`."""
+        m = _EXPERT_KEY.match(key)
+        if m is None:
+            raise MoepruneError(f"internal: {key} is not a per-expert checkpoint key")
+        return f"{key[: m.start(2)]}{new}.{m.group(3)}"
+
+    @staticmethod
+    def split_fused_key(key: str) -> tuple[int, str] | None:
+        """(layer, tensor) of a checkpoint key fused over experts (`...experts.gate_up_proj`), or None."""
+        m = _FUSED_KEY.match(key)
+        return (int(m.group(1)), m.group(2)) if m else None
+
+    @staticmethod
+    def names_expert(name: str) -> bool:
+        """Whether a module or tensor name (e.g. in a quantization config's lists) names one expert by id."""
+        return _NAMES_EXPERT.search(name) is not None
+
+    def extra_layers(self, config) -> list[int]:
+        """Decoder-layer indices a checkpoint stores beyond the model's layers (multi-token prediction)."""
+        return []
+
+    def skipped_key(self, config, key: str) -> str | None:
+        """Why a checkpoint key is deliberately not loaded (None: it must be used)."""
+        if key.endswith("rotary_emb.inv_freq"):
+            return "a rotary table (recomputed at construction)"
+        m = _LAYER_KEY.match(key)
+        if m and int(m.group(1)) in self.extra_layers(config):
+            return "a multi-token-prediction layer (transformers never runs it)"
+        return None
+
+    def resize(self, block: nn.Module, experts: int, router_rows: int, top_k: int) -> None:
+        """Make a MoE block's modules agree with `experts` experts and a router of `router_rows`
+        rows (their forwards read these attributes)."""
+        for module, count in ((block, experts), (self.experts(block), experts), (self.router(block), router_rows)):
+            if hasattr(module, "num_experts"):
+                module.num_experts = count
+            if hasattr(module, "top_k") and isinstance(module.top_k, int):
+                module.top_k = min(module.top_k, count, top_k)
 
     # ------------------------------------------------------------------ slicing
     def slice_state_dict(

@@ -42,6 +42,11 @@ class _DeepseekBase(MoEAdapter):
     def moe_layers(self, config):
         return _dense_or_sparse(config)
 
+    def extra_layers(self, config):
+        # V3/R1 store their MTP module as layer num_hidden_layers (61 on the hub)
+        n = int(getattr(config, "num_nextn_predict_layers", 0) or 0)
+        return list(range(config.num_hidden_layers, config.num_hidden_layers + n))
+
     def _grouped(self, config) -> bool:
         return True
 

@@ -35,24 +35,10 @@ from pathlib import Path
 import torch
 
 from ..budget import resolve_count
+from ..checkpoint import Checkpoint, check_pattern, run_reads
 from ..errors import MoepruneError
-from ..models import load_tokenizer, parse_dtype
+from ..models import load_tokenizer
 from ..pattern import Pattern, as_pattern
-from ..reader import CheckpointReader
-from ..routers import get_adapter
-from ..slim import (
-    _cast,
-    _checkpoint_dtype,
-    _set_tensor,
-    backbone_reads,
-    check_pattern,
-    checkpoint_fingerprint,
-    expert_reads,
-    load_config,
-    model_folder,
-    read_routers,
-    run_reads,
-)
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
@@ -143,6 +129,7 @@ class ExpertPool:
     `budget`: experts per MoE layer held at once (int, top-k..E), or a fraction of a layer's
     experts (float in (0, 1], rounded up). `verify`: refuse patterns made for another model
     (fingerprint), as `load_slim` does. The pool keeps the checkpoint's shards open until `close()`.
+    Quantized checkpoints (block FP8) are decoded into `dtype` as experts are loaded, as in `load_slim`.
 
     Attributes: `model` (the transformers model: its config says `budget` experts, its routers hold
     all E), `adapter`, `tokenizer` (None when the folder has none), `fingerprint`, `budget`,
@@ -151,58 +138,42 @@ class ExpertPool:
 
     def __init__(self, model_path: str | os.PathLike, budget: int | float, dtype=None,
                  device: str | torch.device = "cpu", threads: int = 4, verify: bool = True):
-        from accelerate import init_empty_weights
-        from transformers import AutoModelForCausalLM
-
-        path = model_folder(model_path)
-        config = load_config(path)
-        adapter = get_adapter(config)
-        self.path = path
-        self.config = config
-        self.adapter = adapter
-        self.layers = adapter.moe_layers(config)
-        self.num_experts = adapter.num_experts(config)
-        self.top_k = adapter.top_k(config)
-        self.budget = resolve_budget(budget, self.num_experts, self.top_k)
-        self.device = torch.device(device)
-        self.threads = threads
-        self.verify = verify
-
-        reader = CheckpointReader(path)
+        ckpt = Checkpoint(model_path)
         try:
-            routers = read_routers(reader, adapter, self.layers)
-            self.fingerprint = checkpoint_fingerprint(config, routers, adapter, self.layers)
-            target = parse_dtype(dtype) or _checkpoint_dtype(config, reader)
-            with init_empty_weights():
-                model = AutoModelForCausalLM.from_config(adapter.sliced_config(config, self.budget), dtype=target)
-            expert_names: list[str] = []
-            for layer, block in adapter.blocks(model):
-                router, experts = adapter.router(block), adapter.experts(block)
-                if hasattr(router, "num_experts"):
-                    router.num_experts = self.num_experts  # the router keeps every row: logits over original ids
-                if hasattr(experts, "num_experts"):
-                    experts.num_experts = self.budget
-                expert_names += adapter.fused_keys(layer)
-            self.backbone_bytes = self._load_backbone(model, reader, routers, set(expert_names))
-            for name in expert_names:  # empty slots, allocated where the model will live
-                meta = model.get_parameter(name)
-                if meta.shape[0] != self.budget:
-                    raise MoepruneError(f"internal: {name} has {meta.shape[0]} rows, expected {self.budget} slots")
-                _set_tensor(model, name, torch.zeros(meta.shape, dtype=meta.dtype, device=self.device))
-            model.tie_weights()
-            left = [n for n, p in model.named_parameters() if p.is_meta]
-            if left:
-                raise MoepruneError(f"checkpoint {path} lacks tensors: {', '.join(left[:5])}")
+            self.path = path = ckpt.folder
+            self.config = config = ckpt.config
+            self.adapter = adapter = ckpt.adapter
+            self.layers = ckpt.layers
+            self.num_experts = ckpt.num_experts
+            self.top_k = adapter.top_k(config)
+            self.budget = resolve_budget(budget, self.num_experts, self.top_k)
+            self.device = torch.device(device)
+            self.threads = threads
+            self.verify = verify
+
+            routers = ckpt.read_routers()
+            self.fingerprint = ckpt.fingerprint(routers)
+            # the experts modules hold `budget` slots; the routers keep every row: logits over original ids
+            model = ckpt.skeleton(ckpt.model_config(self.budget), ckpt.dtype(dtype),
+                                  dict.fromkeys(self.layers, self.budget), dict.fromkeys(self.layers, self.num_experts))
+            ckpt.load_into(model, routers, None, threads)
+            self.backbone_bytes = ckpt.reader.bytes_read
+            for layer in self.layers:  # empty slots, allocated where the model will live
+                for name in adapter.fused_keys(layer):
+                    meta = model.get_parameter(name)
+                    ckpt.fill(model, {name: torch.zeros(meta.shape, dtype=meta.dtype, device=self.device)})
+            ckpt.finish(model)
             model.eval().to(self.device)
         except BaseException:
-            reader.close()
+            ckpt.close()
             raise
         model.config._name_or_path = str(path)
         model.moeprune_source_fingerprint = self.fingerprint
         self.model = model
         self.tokenizer = _load_tokenizer(path)
 
-        self._reader = reader
+        self._ckpt = ckpt
+        self._reader = ckpt.reader
         self._lock = threading.Lock()
         self._local = threading.local()
         self._tick = 0
@@ -223,17 +194,7 @@ class ExpertPool:
         self._handles = [adapter.router(block).register_forward_hook(self._router_hook(layer))
                          for layer, block in adapter.blocks(model)]
 
-    # ------------------------------------------------------------------ construction
-    def _load_backbone(self, model, reader: CheckpointReader, routers: dict[str, torch.Tensor],
-                       expert_names: set[str]) -> int:
-        """Read every tensor except the routed experts (routers: already read, kept whole)."""
-        buffers, jobs = backbone_reads(model, reader, self.adapter, expert_names | set(routers))
-        run_reads(jobs, self.threads)
-        buffers.update(routers)
-        for name in list(buffers):
-            _set_tensor(model, name, _cast(buffers.pop(name), model, name))
-        return reader.bytes_read
-
+    # ------------------------------------------------------------------ routing
     def _router_hook(self, layer: int):
         adapter, local = self.adapter, self._local  # not `self`: the hook must not keep the pool alive
 
@@ -311,13 +272,14 @@ class ExpertPool:
         hold their new experts consistently, the failing layer is untouched, and the error propagates.
         """
         reader = self._reader
+        dtype = self.model.get_parameter(self.adapter.fused_keys(self.layers[0])[0]).dtype
         bytes_read = 0
         loaded: dict[int, list[int]] = {}
         evicted: dict[int, list[int]] = {}
         try:
             for layer, pairs in plan.items():
                 before = reader.bytes_read
-                staged, jobs = expert_reads(reader, self.adapter, layer, [e for e, _ in pairs])
+                staged, jobs = self._ckpt.expert_reads(layer, [e for e, _ in pairs], dtype)
                 run_reads(jobs, self.threads)
                 bytes_read += reader.bytes_read - before
                 st = self._slots[layer]
@@ -433,7 +395,7 @@ class ExpertPool:
             self._closed = True
             for handle in self._handles:
                 handle.remove()
-            self._reader.close()
+            self._ckpt.close()
 
     def __enter__(self) -> ExpertPool:
         return self

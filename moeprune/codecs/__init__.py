@@ -1,0 +1,75 @@
+"""Quantization codecs: one module per scheme, chosen from a checkpoint's config.
+
+`codec_for_folder(folder)` reads `config.json`'s `quantization_config` (and `hf_quant_config.json`
+where present) and returns the codec that decodes that scheme, or raises a one-line
+`MoepruneError` naming a scheme moeprune does not implement: it never falls back to a cast.
+Implemented: `none` (unquantized) and `fp8_block` (quant_method fp8 with weight_block_size).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from ..errors import MoepruneError
+from . import fp8_block
+from .base import PLAIN_FLOATS, Codec
+from .fp8_block import Fp8BlockCodec
+from .none import NoneCodec
+
+SUPPORTED = "unquantized checkpoints and block FP8 (quant_method 'fp8' with weight_block_size)"
+
+# quant_method -> factory(quantization_config, where); anything else is refused by name
+_FACTORIES = {"fp8": fp8_block.from_config}
+
+
+def _refuse(where: str, scheme: str) -> MoepruneError:
+    return MoepruneError(f"{where}: quantization {scheme} is not supported by moeprune yet (it reads {SUPPORTED}); "
+                         f"use the model's unquantized (bf16) release")
+
+
+def codec_for(quantization_config, hf_quant_config: dict | None = None, where: str = "checkpoint") -> Codec:
+    """The codec for a `quantization_config` (dict, config object or None) and an optional
+    `hf_quant_config.json` (NVIDIA ModelOpt) content."""
+    if isinstance(hf_quant_config, dict):
+        quant = hf_quant_config.get("quantization") or {}
+        algo = quant.get("quant_algo") if isinstance(quant, dict) else quant
+        if algo:
+            raise _refuse(where, f"{algo!s} (hf_quant_config.json, NVIDIA ModelOpt)")
+    qc = quantization_config
+    if qc is not None and not isinstance(qc, dict):
+        qc = qc.to_dict() if hasattr(qc, "to_dict") else None
+        if qc is None:
+            raise MoepruneError(f"{where}: cannot read quantization_config {quantization_config!r}")
+    if not qc:
+        return NoneCodec()
+    method = qc.get("quant_method")
+    factory = _FACTORIES.get(str(method).lower()) if isinstance(method, str) else None
+    if factory is None:
+        raise _refuse(where, f"quant_method {method!r}")
+    return factory(qc, where)
+
+
+def codec_for_folder(folder: str | os.PathLike) -> Codec:
+    """The codec of the checkpoint in `folder` (from its config.json and hf_quant_config.json)."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise MoepruneError(f"cannot read {folder / 'config.json'}: {e}") from None
+    if not isinstance(config, dict):
+        raise MoepruneError(f"{folder / 'config.json'} is not a JSON object")
+    qc = config.get("quantization_config")
+    if qc is None and isinstance(config.get("text_config"), dict):
+        qc = config["text_config"].get("quantization_config")
+    hf = None
+    if (folder / "hf_quant_config.json").is_file():
+        try:
+            hf = json.loads((folder / "hf_quant_config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise MoepruneError(f"cannot read {folder / 'hf_quant_config.json'}: {e}") from None
+    return codec_for(qc, hf, where=str(folder))
+
+
+__all__ = ["PLAIN_FLOATS", "SUPPORTED", "Codec", "Fp8BlockCodec", "NoneCodec", "codec_for", "codec_for_folder"]

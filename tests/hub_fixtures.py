@@ -1,0 +1,332 @@
+"""Tiny checkpoints laid out as the hub ships them (../shared/notes/hub-formats.md, F1 and F2).
+
+Written by hand, not by `save_pretrained`: `config.json` in the hub's own spelling (`num_experts`
+for Qwen, `n_routed_experts` for DeepSeek), tensors under the hub's keys, quantized Linears as
+F8_E4M3 codes with a `weight_scale_inv` per 128x128 block, routers and norms in BF16.
+
+Each fixture knows the float32 value of every tensor the model uses (`dense`), computed here
+block by block, independently of moeprune's codec. Its oracle is the model transformers builds
+from those values alone (an unquantized float32 checkpoint), used under the adapter's keep-mask.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from tiny import char_tokenizer
+
+BLOCK = 128
+FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [BLOCK, BLOCK]}
+
+
+def block_values(codes: torch.Tensor, scale: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """float32 values of FP8 `codes` [R, C]: each block times its scale; edge blocks are partial."""
+    out = torch.empty(codes.shape, dtype=torch.float32)
+    for i in range(scale.shape[0]):
+        for j in range(scale.shape[1]):
+            rows, cols = slice(i * block, (i + 1) * block), slice(j * block, (j + 1) * block)
+            out[rows, cols] = codes[rows, cols].float() * scale[i, j].float()
+    return out
+
+
+@dataclass
+class Fixture:
+    """A written checkpoint: `folder`, its `config` (as written), `dense` (hub key -> the float32
+    value the model must hold), `quantized` (keys stored as FP8), `extra` (keys a loader skips)."""
+
+    folder: Path
+    config: dict
+    dense: dict[str, torch.Tensor] = field(default_factory=dict)
+    stored: dict[str, torch.Tensor] = field(default_factory=dict)
+    quantized: set[str] = field(default_factory=set)
+    extra: set[str] = field(default_factory=set)
+    _oracle: object = None
+
+    @property
+    def num_experts(self) -> int:
+        return self.config.get("num_experts") or self.config.get("n_routed_experts")
+
+    def oracle(self):
+        """transformers' model of the dense values (float32, no quantization), built once."""
+        if self._oracle is None:
+            from transformers import AutoModelForCausalLM
+
+            folder = self.folder.parent / f"{self.folder.name}-oracle"
+            if folder.exists():
+                shutil.rmtree(folder)
+            folder.mkdir()
+            config = {k: v for k, v in self.config.items() if k not in ("quantization_config", "auto_map")}
+            config["torch_dtype"] = "float32"
+            (folder / "config.json").write_text(json.dumps(config, indent=2))
+            save_file({k: v.contiguous() for k, v in self.dense.items()}, str(folder / "model.safetensors"))
+            self._oracle = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        return self._oracle
+
+
+class _Writer:
+    def __init__(self, seed: int, scale_dtype: torch.dtype):
+        self.gen = torch.Generator().manual_seed(seed)
+        self.scale_dtype = scale_dtype
+        self.fx: Fixture | None = None
+
+    def fp8(self, key: str, rows: int, cols: int, extra: bool = False) -> None:
+        """A quantized Linear weight: FP8 codes (up to +-448) and one positive scale per block."""
+        codes = (torch.randn(rows, cols, generator=self.gen) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
+        grid = (math.ceil(rows / BLOCK), math.ceil(cols / BLOCK))
+        # real weights are ~0.02; scales differ per block so a misplaced block shows
+        scale = ((torch.rand(grid, generator=self.gen) * 1.5 + 0.5) * (0.02 / 64)).to(self.scale_dtype)
+        self._put(key, codes, block_values(codes, scale), extra)
+        self.fx.stored[f"{key}_scale_inv"] = scale
+        self.fx.quantized.add(key)
+        if extra:
+            self.fx.extra.add(f"{key}_scale_inv")
+
+    def plain(self, key: str, shape: tuple[int, ...], std: float, mean: float = 0.0,
+              dtype: torch.dtype = torch.bfloat16, extra: bool = False) -> None:
+        value = (torch.randn(shape, generator=self.gen) * std + mean).to(dtype)
+        self._put(key, value, value.float(), extra)
+
+    def _put(self, key: str, stored: torch.Tensor, value: torch.Tensor, extra: bool) -> None:
+        self.fx.stored[key] = stored
+        if extra:
+            self.fx.extra.add(key)
+        else:
+            self.fx.dense[key] = value
+
+    def save(self, shards: int = 1) -> Fixture:
+        fx = self.fx
+        fx.folder.mkdir(parents=True, exist_ok=True)
+        (fx.folder / "config.json").write_text(json.dumps(fx.config, indent=2))
+        tok = char_tokenizer()
+        tok.save_pretrained(fx.folder)
+        (fx.folder / "generation_config.json").write_text(json.dumps(
+            {"bos_token_id": fx.config["bos_token_id"], "eos_token_id": fx.config["eos_token_id"]}))
+        keys = list(fx.stored)
+        if shards == 1:
+            save_file({k: fx.stored[k].contiguous() for k in keys}, str(fx.folder / "model.safetensors"))
+            return fx
+        size = math.ceil(len(keys) / shards)
+        weight_map = {}
+        for i in range(shards):
+            name = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+            part = keys[i * size:(i + 1) * size]
+            save_file({k: fx.stored[k].contiguous() for k in part}, str(fx.folder / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(part, name))
+        (fx.folder / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in fx.stored.values())},
+             "weight_map": weight_map}, indent=2))
+        return fx
+
+
+def deepseek_v3_fp8(folder: Path, seed: int = 0) -> Fixture:
+    """F1: DeepSeek-V3/R1 FP8 with its MTP layer (index num_hidden_layers), sharded in two files.
+    kv_a_proj_with_mqa has 576 rows: 4.5 blocks, so its scale grid has 5 rows."""
+    H, V, E, I_MOE, I_DENSE, LAYERS = 256, 128, 16, 128, 384, 3
+    heads, q_rank, kv_rank, rope, nope, v_dim = 2, 64, 512, 64, 64, 64
+    config = {
+        "architectures": ["DeepseekV3ForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "auto_map": {"AutoConfig": "configuration_deepseek.DeepseekV3Config",
+                     "AutoModel": "modeling_deepseek.DeepseekV3Model",
+                     "AutoModelForCausalLM": "modeling_deepseek.DeepseekV3ForCausalLM"},
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "ep_size": 1,
+        "first_k_dense_replace": 1,
+        "hidden_act": "silu",
+        "hidden_size": H,
+        "initializer_range": 0.02,
+        "intermediate_size": I_DENSE,
+        "kv_lora_rank": kv_rank,
+        "max_position_embeddings": 256,
+        "model_type": "deepseek_v3",
+        "moe_intermediate_size": I_MOE,
+        "moe_layer_freq": 1,
+        "n_group": 4,
+        "n_routed_experts": E,
+        "n_shared_experts": 1,
+        "norm_topk_prob": True,
+        "num_attention_heads": heads,
+        "num_experts_per_tok": 4,
+        "num_hidden_layers": LAYERS,
+        "num_key_value_heads": heads,
+        "num_nextn_predict_layers": 1,
+        "q_lora_rank": q_rank,
+        "qk_nope_head_dim": nope,
+        "qk_rope_head_dim": rope,
+        "quantization_config": dict(FP8_CONFIG),
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 10000,
+        "routed_scaling_factor": 2.5,
+        "scoring_func": "sigmoid",
+        "tie_word_embeddings": False,
+        "topk_group": 2,
+        "topk_method": "noaux_tc",
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.33.1",
+        "use_cache": True,
+        "v_head_dim": v_dim,
+        "vocab_size": V,
+    }
+    w = _Writer(seed, torch.float32)
+    w.fx = Fixture(Path(folder), config)
+    w.plain("model.embed_tokens.weight", (V, H), 0.5)
+    for i in range(LAYERS + 1):  # the last one is the MTP layer
+        mtp = i == LAYERS
+        p = f"model.layers.{i}"
+        if mtp:
+            w.plain(f"{p}.embed_tokens.weight", (V, H), 0.5, extra=True)
+            w.plain(f"{p}.enorm.weight", (H,), 0.1, 1.0, extra=True)
+            w.plain(f"{p}.hnorm.weight", (H,), 0.1, 1.0, extra=True)
+            w.plain(f"{p}.eh_proj.weight", (H, 2 * H), 0.02, extra=True)
+        w.fp8(f"{p}.self_attn.q_a_proj.weight", q_rank, H, extra=mtp)
+        w.plain(f"{p}.self_attn.q_a_layernorm.weight", (q_rank,), 0.1, 1.0, extra=mtp)
+        w.fp8(f"{p}.self_attn.q_b_proj.weight", heads * (nope + rope), q_rank, extra=mtp)
+        w.fp8(f"{p}.self_attn.kv_a_proj_with_mqa.weight", kv_rank + rope, H, extra=mtp)
+        w.plain(f"{p}.self_attn.kv_a_layernorm.weight", (kv_rank,), 0.1, 1.0, extra=mtp)
+        w.fp8(f"{p}.self_attn.kv_b_proj.weight", heads * (nope + v_dim), kv_rank, extra=mtp)
+        w.fp8(f"{p}.self_attn.o_proj.weight", H, heads * v_dim, extra=mtp)
+        w.plain(f"{p}.input_layernorm.weight", (H,), 0.1, 1.0, extra=mtp)
+        w.plain(f"{p}.post_attention_layernorm.weight", (H,), 0.1, 1.0, extra=mtp)
+        if i == 0:
+            w.fp8(f"{p}.mlp.gate_proj.weight", I_DENSE, H)
+            w.fp8(f"{p}.mlp.up_proj.weight", I_DENSE, H)
+            w.fp8(f"{p}.mlp.down_proj.weight", H, I_DENSE)
+            continue
+        w.plain(f"{p}.mlp.gate.weight", (E, H), 0.5, extra=mtp)
+        w.plain(f"{p}.mlp.gate.e_score_correction_bias", (E,), 0.1, dtype=torch.float32, extra=mtp)
+        for e in range(E):
+            w.fp8(f"{p}.mlp.experts.{e}.gate_proj.weight", I_MOE, H, extra=mtp)
+            w.fp8(f"{p}.mlp.experts.{e}.up_proj.weight", I_MOE, H, extra=mtp)
+            w.fp8(f"{p}.mlp.experts.{e}.down_proj.weight", H, I_MOE, extra=mtp)
+        w.fp8(f"{p}.mlp.shared_experts.gate_proj.weight", I_MOE, H, extra=mtp)
+        w.fp8(f"{p}.mlp.shared_experts.up_proj.weight", I_MOE, H, extra=mtp)
+        w.fp8(f"{p}.mlp.shared_experts.down_proj.weight", H, I_MOE, extra=mtp)
+        if mtp:
+            w.plain(f"{p}.shared_head.norm.weight", (H,), 0.1, 1.0, extra=True)
+            w.plain(f"{p}.shared_head.head.weight", (V, H), 0.05, extra=True)
+    w.plain("model.norm.weight", (H,), 0.1, 1.0)
+    w.plain("lm_head.weight", (V, H), 0.05)
+    return w.save(shards=2)
+
+
+def qwen3_moe_fp8(folder: Path, seed: int = 0, scale_dtype: torch.dtype = torch.float32,
+                  moe_intermediate_size: int = 256) -> Fixture:
+    """F2: Qwen3-30B-A3B-FP8 layout (per-expert FP8 + weight_scale_inv, BF16 router and norms).
+    A moe_intermediate_size that is not a multiple of 128 gives experts partial edge blocks."""
+    H, V, E, LAYERS, head_dim, heads, kv_heads = 256, 128, 8, 2, 64, 4, 2
+    I_MOE = moe_intermediate_size
+    keep = ["lm_head"]
+    for i in range(LAYERS):
+        keep += [f"model.layers.{i}.input_layernorm", f"model.layers.{i}.mlp.gate",
+                 f"model.layers.{i}.post_attention_layernorm"]
+    config = {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "decoder_sparse_step": 1,
+        "eos_token_id": 2,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "hidden_size": H,
+        "initializer_range": 0.02,
+        "intermediate_size": 768,
+        "max_position_embeddings": 256,
+        "max_window_layers": LAYERS,
+        "mlp_only_layers": [],
+        "model_type": "qwen3_moe",
+        "moe_intermediate_size": I_MOE,
+        "norm_topk_prob": True,
+        "num_attention_heads": heads,
+        "num_experts": E,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": LAYERS,
+        "num_key_value_heads": kv_heads,
+        "output_router_logits": False,
+        "quantization_config": {**FP8_CONFIG, "modules_to_not_convert": keep},
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1000000.0,
+        "router_aux_loss_coef": 0.001,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": "bfloat16",
+        "transformers_version": "4.51.0",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": V,
+    }
+    w = _Writer(seed, scale_dtype)
+    w.fx = Fixture(Path(folder), config)
+    w.plain("model.embed_tokens.weight", (V, H), 0.5)
+    for i in range(LAYERS):
+        p = f"model.layers.{i}"
+        w.fp8(f"{p}.self_attn.q_proj.weight", heads * head_dim, H)
+        w.fp8(f"{p}.self_attn.k_proj.weight", kv_heads * head_dim, H)
+        w.fp8(f"{p}.self_attn.v_proj.weight", kv_heads * head_dim, H)
+        w.fp8(f"{p}.self_attn.o_proj.weight", H, heads * head_dim)
+        w.plain(f"{p}.self_attn.q_norm.weight", (head_dim,), 0.1, 1.0)
+        w.plain(f"{p}.self_attn.k_norm.weight", (head_dim,), 0.1, 1.0)
+        w.plain(f"{p}.mlp.gate.weight", (E, H), 0.5)
+        for e in range(E):
+            w.fp8(f"{p}.mlp.experts.{e}.gate_proj.weight", I_MOE, H)
+            w.fp8(f"{p}.mlp.experts.{e}.up_proj.weight", I_MOE, H)
+            w.fp8(f"{p}.mlp.experts.{e}.down_proj.weight", H, I_MOE)
+        w.plain(f"{p}.input_layernorm.weight", (H,), 0.1, 1.0)
+        w.plain(f"{p}.post_attention_layernorm.weight", (H,), 0.1, 1.0)
+    w.plain("model.norm.weight", (H,), 0.1, 1.0)
+    w.plain("lm_head.weight", (V, H), 0.05)
+    return w.save()
+
+
+def fuse_experts(fx: Fixture, folder: Path) -> Path:
+    """A copy of a per-expert FP8 Qwen fixture with each layer's experts fused on disk, as a
+    transformers-5 FP8 save keeps them: `experts.gate_up_proj` [E, 2I, H] and `down_proj` with
+    `_scale_inv` grids fused the same way (gate rows, then up rows; needs I % 128 == 0)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    for f in fx.folder.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copyfile(f, folder / f.name)
+    out = {k: v for k, v in fx.stored.items() if ".experts." not in k}
+    E = fx.num_experts
+    for i in range(fx.config["num_hidden_layers"]):
+        p = f"model.layers.{i}.mlp.experts"
+        for suffix in ("", "_scale_inv"):
+            out[f"{p}.gate_up_proj{suffix}"] = torch.stack([
+                torch.cat([fx.stored[f"{p}.{e}.gate_proj.weight{suffix}"], fx.stored[f"{p}.{e}.up_proj.weight{suffix}"]])
+                for e in range(E)])
+            out[f"{p}.down_proj{suffix}"] = torch.stack([fx.stored[f"{p}.{e}.down_proj.weight{suffix}"]
+                                                         for e in range(E)])
+    save_file({k: v.contiguous() for k, v in out.items()}, str(folder / "model.safetensors"))
+    return folder
+
+
+def variant(fx: Fixture, folder: Path, config: dict | None = None, tensors: dict | None = None,
+            files: dict[str, str] | None = None) -> Path:
+    """A copy of a fixture with its config replaced, tensors replaced or added (None removes one),
+    and extra files written."""
+    folder = Path(folder)
+    folder.mkdir(parents=True)
+    for f in fx.folder.iterdir():
+        if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
+            shutil.copyfile(f, folder / f.name)
+    (folder / "config.json").write_text(json.dumps(fx.config if config is None else config, indent=2))
+    stored = dict(fx.stored)
+    for k, v in (tensors or {}).items():
+        if v is None:
+            stored.pop(k, None)
+        else:
+            stored[k] = v
+    save_file({k: v.contiguous() for k, v in stored.items()}, str(folder / "model.safetensors"))
+    for name, text in (files or {}).items():
+        (folder / name).write_text(text)
+    return folder
