@@ -6,6 +6,7 @@ import json
 import shutil
 import sys
 import threading
+import time
 
 import httpx2 as httpx  # what the openai client itself uses
 import openai
@@ -298,8 +299,14 @@ def test_corrupt_entry_is_skipped_while_serving(pool, demo_store_path, tmp_path)
         entry.write_text(json.dumps(data))
         r = post(app, "/v1/completions", {"prompt": "import os\nimport sys\ndef main(argv):\n", "max_tokens": 1})
         assert r.status_code == 200 and r.headers["x-moeprune-pattern"] == "python"
-        r = post(app, "/v1/completions", {"prompt": "And the LORD spake unto Moses, saying", "max_tokens": 1})
-        assert r.status_code == 200 and r.headers["x-moeprune-pattern"] != "bible"
+        deadline = time.monotonic() + 60  # an in-place edit is seen at the store's next recheck
+        while True:
+            r = post(app, "/v1/completions", {"prompt": "And the LORD spake unto Moses, saying", "max_tokens": 1})
+            assert r.status_code == 200
+            if r.headers["x-moeprune-pattern"] != "bible" or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        assert r.headers["x-moeprune-pattern"] != "bible"
         assert post(app, "/v1/completions", {"model": "demo_model:bible", "prompt": "x", "max_tokens": 1}
                     ).status_code == 404
         health = call(app, lambda c, h: h.get("/health")).json()

@@ -66,9 +66,8 @@ ON_CORRUPT = ("raise", "skip")
 # until then, a snapshot is checked against the files' contents rather than their timestamps.
 RACY_S = 2.0
 # Entries edited in place leave the folder's timestamps alone; a rescan of every entry file's stat
-# (~3 µs each) catches them. It runs at most once per 10x its own duration, so it costs at most ~10%
-# of search time however large the store, and at least every RESCAN_MAX_S.
-RESCAN_MAX_S = 0.05
+# (~3 µs each) catches them. It runs at most every RECHECK_MIN_S, or 10x its own duration if longer.
+RECHECK_MIN_S = 0.05
 _READ_TRIES = 20  # re-reads of a store that changed while it was read without a lock
 
 
@@ -739,22 +738,30 @@ class PatternStore:
             log.warning("store %s: entry %r is left out of searches: %s", self.path, name, reason)
 
     def _current(self, snap: _Snapshot) -> bool:
-        """Whether the store's files still hold what `snap` was read from."""
+        """Whether the store's files still hold what `snap` was read from.
+
+        Adds, removes and replacements (renames) move `_stamp` and are seen at the next search. The
+        slower checks (every entry file's stat, for in-place edits; the files' contents while the
+        timestamps are too recent to tell) run at most every RECHECK_MIN_S or 10x their own cost,
+        whichever is longer, so they cost searches at most ~10% however large the store: an in-place
+        edit is seen within that interval instead."""
         try:
             if self._stamp() != snap.stamp:
                 return False
             start = time.monotonic()
-            if start - self._scanned_at >= min(10 * self._scan_cost, RESCAN_MAX_S):
-                files = self._files()
+            if start - self._scanned_at < max(10 * self._scan_cost, RECHECK_MIN_S):
+                return True
+            try:
+                if self._files() != snap.files:
+                    return False
+                if snap.checked_at > snap.racy_until:
+                    return True  # any later change moves the timestamps past the stamp's
+                now = time.time()  # what is read next was there at least since now
+                same = (self._checksum() == snap.checksum and self._stamp() == snap.stamp
+                        and hashlib.sha256(self.manifest_path.read_bytes()).hexdigest() == snap.manifest_sha)
+            finally:
                 self._scanned_at = time.monotonic()
                 self._scan_cost = self._scanned_at - start
-                if files != snap.files:
-                    return False
-            if snap.checked_at > snap.racy_until:
-                return True  # any later change moves the timestamps past the stamp's
-            now = time.time()  # what is read next was there at least since now
-            same = (self._checksum() == snap.checksum and self._stamp() == snap.stamp
-                    and hashlib.sha256(self.manifest_path.read_bytes()).hexdigest() == snap.manifest_sha)
         except OSError:
             return False
         if same and now > snap.racy_until and self._snap is snap:
