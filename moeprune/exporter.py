@@ -74,8 +74,13 @@ def _plan(ckpt: Checkpoint, pattern: Pattern, routers: dict) -> list[_Out]:
         for mem, ck in zip(adapter.router_keys(layer), adapter.ckpt_router_keys(layer), strict=True):
             router_ckpt[ck] = (layer, mem)
             router_ckpt[mem] = (layer, mem)
+    # Multi-token-prediction layers hold a MoE block of their own that no pattern covers: dropped
+    # (the config says num_nextn_predict_layers 0) rather than copied with all experts.
+    extra = set(adapter.extra_layers(ckpt.config))
     plan: list[_Out] = []
     for key in sorted(reader.keys()):
+        if extra and adapter.key_layer(key) in extra:
+            continue
         # per-expert keys are matched whatever their suffix: quantization companions travel with
         # their weight, byte for byte, renumbered like it
         split = adapter.split_expert_key(key)
@@ -175,6 +180,8 @@ def _config_json(src: Path, adapter: MoEAdapter, config, pattern: Pattern, route
             data[field] = count
     if count < adapter.top_k(config):
         data[adapter.top_k_field] = count
+    if adapter.extra_layers(config):
+        data["num_nextn_predict_layers"] = 0  # their layers are not exported (see _plan)
     # Provenance: the store retrieves with an export as with its source. The pruned model's own
     # fingerprint is recorded too, so an export whose routers were changed later is not taken for it.
     pruned = [routers[adapter.router_keys(layer)[0]].index_select(0, torch.as_tensor(ids, dtype=torch.long))
@@ -221,7 +228,7 @@ moeprune ran the domain's demonstration prompts through the full model, scored e
 every MoE layer by `{m.get('criterion')}`, kept the top {k} per layer, and copied the kept experts
 (renumbered 0..{k - 1}) with their router rows; everything else (attention, embeddings, norms,
 shared experts) is unchanged. Tokens the model routes to a dropped expert now go to the best
-kept one, so quality outside the listed domains may drop.
+kept one, so quality outside the listed domains may drop.{_mtp_note(config, adapter)}
 
 ## Kept experts (original ids) per MoE layer
 | layer | kept experts |
@@ -230,6 +237,15 @@ kept one, so quality outside the listed domains may drop.
 
 `pattern.json` in this folder is the moeprune pattern itself.
 """
+
+
+def _mtp_note(config, adapter: MoEAdapter) -> str:
+    extra = adapter.extra_layers(config)
+    if not extra:
+        return ""
+    return (f"\n\nThe multi-token-prediction layer{'s' if len(extra) > 1 else ''} of the source "
+            f"({', '.join(map(str, extra))}) {'are' if len(extra) > 1 else 'is'} not included "
+            f"(`num_nextn_predict_layers: 0`): speculative decoding with it is not available from this checkpoint.")
 
 
 def export(

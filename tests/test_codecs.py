@@ -201,6 +201,13 @@ def test_export_is_byte_exact(hub, name, tmp_path):
                         b = dst.get(f"model.layers.{layer}.mlp.experts.{new}.{proj}.{suffix}")
                         assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
             assert f"model.layers.{layer}.mlp.experts.{k}.up_proj.weight" not in dst
+        # a multi-token-prediction layer is dropped, and the config says so, not copied with every expert
+        top = f"model.layers.{fx.config['num_hidden_layers']}."
+        mtp = [key for key in src.keys() if key.startswith(top)]  # noqa: SIM118
+        assert bool(mtp) == (name == "deepseek_v3")
+        assert not [key for key in dst.keys() if key.startswith(top)]  # noqa: SIM118
+    if name == "deepseek_v3":
+        assert config["num_nextn_predict_layers"] == 0 and "multi-token-prediction" in (out / "README.md").read_text()
     # the export, decoded, is the oracle under the pattern
     full = Pattern({layer: list(range(k)) for layer in pattern.kept}, {"num_experts": k})
     slim = load_slim(out, full, dtype="float32", verify=False)

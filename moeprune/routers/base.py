@@ -225,6 +225,12 @@ class MoEAdapter:
         """Decoder-layer indices a checkpoint stores beyond the model's layers (multi-token prediction)."""
         return []
 
+    @staticmethod
+    def key_layer(key: str) -> int | None:
+        """The decoder-layer index a checkpoint key belongs to (None: not a layer's key)."""
+        m = _LAYER_KEY.match(key)
+        return int(m.group(1)) if m else None
+
     def skipped_key(self, config, key: str) -> str | None:
         """Why a checkpoint key is deliberately not loaded (None: it must be used)."""
         if key.endswith("rotary_emb.inv_freq"):
