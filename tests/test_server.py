@@ -234,6 +234,11 @@ def test_context_length_is_enforced(app):
     r = post(app, "/v1/completions", {"prompt": ids, "max_tokens": 8})
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
     assert post(app, "/v1/completions", {"prompt": ids[:10], "max_tokens": 2}).status_code == 200
+    # no max_tokens: the default (64) shortened to the room the context has left, as vLLM does
+    r = post(app, "/v1/completions", {"prompt": ids, "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 4
+    r = post(app, "/v1/completions", {"prompt": [5] * ctx})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
 
 
 def test_tokenising_does_not_block_the_event_loop(app, monkeypatch):
