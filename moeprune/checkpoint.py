@@ -18,9 +18,12 @@ companion tensor nobody decodes can never be dropped silently.
 
 from __future__ import annotations
 
+import glob
+import json
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -30,7 +33,7 @@ from .errors import MoepruneError
 from .fingerprint import fingerprint_from_parts
 from .models import check_model_path, load_config, parse_dtype
 from .pattern import Pattern
-from .reader import CheckpointReader
+from .reader import INDEX_NAME, SINGLE_NAME, CheckpointReader
 from .routers import get_adapter
 from .routers.base import MoEAdapter
 
@@ -42,12 +45,77 @@ def model_folder(model_path: str | os.PathLike) -> str:
     path = check_model_path(model_path)
     if os.path.isdir(path):
         return path
-    from huggingface_hub import snapshot_download
-
     try:
-        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"])
+        return _download_checkpoint(path)
+    except MoepruneError:
+        raise
     except Exception as e:
         raise MoepruneError(f"model folder not found and hub download failed for {model_path}: {e}") from None
+
+
+# Root files moeprune (and the export it writes) reads besides the weights: configs, tokenizer, chat
+# template, hf_quant_config.json. All small. Only root files count: subfolders (GPT-OSS `original/`,
+# `metal/`) hold other formats of the same weights.
+_HUB_SMALL_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+
+
+def _hub_fetch_plan(repo_id: str, files: list[str]) -> tuple[list[str], bool]:
+    """The root small files to fetch from a hub repo listing, and whether the weights come via the index.
+
+    Weights are `model.safetensors.index.json`'s shards, else `model.safetensors`; anything else
+    (`consolidated*.safetensors`, `*.bin`, `*.pth`, `*.gguf`) is never fetched.
+    """
+    root = [f for f in files if "/" not in f]
+    if "config.json" not in root:
+        raise MoepruneError(f"hub repo {repo_id} has no config.json at its root: not a transformers checkpoint")
+    small = [f for f in root if f.endswith(_HUB_SMALL_SUFFIXES)]
+    if INDEX_NAME in root:
+        return small, True
+    if SINGLE_NAME in root:
+        return small + [SINGLE_NAME], False
+    shown = ", ".join(sorted(files)[:12]) + (f", ... ({len(files) - 12} more)" if len(files) > 12 else "")
+    raise MoepruneError(f"hub repo {repo_id} has neither {INDEX_NAME} nor {SINGLE_NAME} at its root "
+                        f"(moeprune reads safetensors only); it has: {shown}")
+
+
+def _index_shards(index: Path, repo_id: str, files: list[str]) -> list[str]:
+    """The shard files a downloaded index names, each checked against the repo listing."""
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise MoepruneError(f"hub repo {repo_id}: corrupt {INDEX_NAME} (needs a 'weight_map' object)") from None
+    missing = [s for s in shards if not isinstance(s, str) or s not in files]
+    if missing:
+        raise MoepruneError(f"hub repo {repo_id}: {INDEX_NAME} names shards the repo lacks: "
+                            f"{', '.join(map(str, missing[:5]))}")
+    return shards
+
+
+def _download_checkpoint(repo_id: str) -> str:
+    """Download only what moeprune reads of hub repo `repo_id`; returns the snapshot folder."""
+    from huggingface_hub import model_info, snapshot_download
+
+    info = model_info(repo_id)
+    files = [s.rfilename for s in (info.siblings or [])]
+    small, via_index = _hub_fetch_plan(repo_id, files)
+
+    def fetch(names: list[str]) -> str:
+        # exact names, escaped: allow_patterns are globs, and `*.json` would also match `original/config.json`
+        folder = snapshot_download(repo_id, allow_patterns=[glob.escape(n) for n in names])
+        if info.sha and Path(folder).name != info.sha:  # main moved since the listing: its index may differ
+            raise MoepruneError(f"hub repo {repo_id} changed during the download (listed at {info.sha}, "
+                                f"now {Path(folder).name}); run again")
+        return folder
+
+    # config.json comes last: models._hub_cache takes a cached snapshot with config.json as complete, so an
+    # interrupted download must not leave one behind without its shards
+    rest = [f for f in small if f != "config.json"]
+    if via_index:
+        folder = fetch(rest)  # the index is among the small files
+        rest = _index_shards(Path(folder) / INDEX_NAME, repo_id, files)
+    if rest:
+        fetch(rest)
+    return fetch(["config.json"])
 
 
 def run_reads(jobs: list[Job], threads: int) -> None:
@@ -193,8 +261,12 @@ class Checkpoint:
 
     # ------------------------------------------------------------------ header facts
     def key_of(self, name: str) -> str | None:
-        """The checkpoint key of in-memory tensor `name`, or None."""
-        return checkpoint_name(self.reader, name, self.adapter)
+        """The checkpoint key of in-memory tensor `name` (a weight the codec stores only through its
+        companions counts as present), or None."""
+        for c in self.adapter.ckpt_candidates(name):
+            if self.codec.stored(self.reader, c):
+                return c
+        return None
 
     def expert_layout(self, layer: int) -> str:
         """'fused' (tensors fused over experts) or 'per_expert' (hub keys per expert) for a MoE layer."""
@@ -362,7 +434,7 @@ class Checkpoint:
             else:
                 keys = [p.key for e in range(self.num_experts) for p in adapter.expert_parts(layer, e)]
             for key in keys:
-                if key in reader:
+                if codec.stored(reader, key):
                     known.add(key)
                     known.update(codec.companions(reader, key))
         left = [k for k in reader.keys() if k not in known  # noqa: SIM118 - the reader has no __iter__

@@ -8,7 +8,9 @@ stacks whatever expert keys exist in sorted order and ignores their ids).
 
 Quantized checkpoints keep their format: a kept expert's tensors and their companions (block FP8
 `weight_scale_inv`) are copied byte for byte, after the codec has checked them from the header;
-a scheme moeprune has no codec for is refused, as is a quantization_config that names experts by id.
+a scheme moeprune has no codec for is refused. Names of experts in the quantization config's lists
+(`modules_to_not_convert`, `ignore`, `exclude_modules`, also in `hf_quant_config.json`) are renumbered
+like the experts, and dropped with them; a regex or glob that names experts by id is refused.
 """
 
 from __future__ import annotations
@@ -141,22 +143,52 @@ def _plan_fused(ckpt: Checkpoint, key: str, layer: int, tensor: str, kept: list[
     return out
 
 
-def _check_quantization_lists(data: dict, adapter: MoEAdapter) -> None:
-    """Refuse a quantization_config that names experts by id: renumbering them is not done yet."""
-    def strings(x):
-        if isinstance(x, str):
-            yield x
-        elif isinstance(x, dict):
-            for v in x.values():
-                yield from strings(v)
-        elif isinstance(x, list):
-            for v in x:
-                yield from strings(v)
+# Regex (compressed-tensors' `re:` prefix) or glob (`*` in ModelOpt and transformers lists) syntax.
+_PATTERN_CHARS = re.compile(r"[*?\[\]()|^$+{}\\]")
+_DROPPED = object()  # a list entry or dict item the rewrite removes (None is a JSON value)
 
-    named = [s for s in strings(data.get("quantization_config")) if not s.startswith("re:") and adapter.names_expert(s)]
-    if named:
-        raise MoepruneError(f"quantization_config names experts by id (e.g. {named[0]!r}); the export would "
-                            f"renumber the experts, and rewriting those lists is not implemented yet")
+
+def _is_pattern(name: str) -> bool:
+    return name.startswith("re:") or _PATTERN_CHARS.search(name) is not None
+
+
+def _rewrite_quantization(value, adapter: MoEAdapter, new_id: dict[int, dict[int, int]], where: str):
+    """`value` (a quantization config, any JSON) with every name of an expert of a pruned layer
+    renumbered through `new_id` (layer -> old id -> new id) and every name of a pruned expert
+    removed (list entry, or dict item by key or value). Patterns stay, except one that names
+    experts by id: which experts it would match after renumbering cannot be worked out, so refused."""
+    def name(s: str) -> str | None:
+        if _is_pattern(s):
+            if adapter.pattern_names_expert(s):
+                raise MoepruneError(f"{where} holds {s!r}, a pattern that names experts by id: the export renumbers "
+                                    f"the experts and cannot rewrite a pattern; list those experts by name instead")
+            return s
+        split = adapter.split_expert_name(s)
+        # not an expert of a pruned layer: its module is copied whole (or dropped, as an MTP layer)
+        if split is None or split[0] not in new_id:
+            return s
+        layer, old = split
+        new = new_id[layer].get(old)
+        return None if new is None else adapter.renumber_expert_name(s, new)
+
+    def walk(x):
+        if isinstance(x, str):
+            out = name(x)
+            return _DROPPED if out is None else out
+        if isinstance(x, list):
+            return [y for y in map(walk, x) if y is not _DROPPED]
+        if isinstance(x, dict):
+            out = {}
+            for k, v in x.items():
+                key = name(k) if isinstance(k, str) else k
+                v = walk(v)
+                if key is not None and v is not _DROPPED:
+                    out[key] = v
+            return out
+        return x
+
+    out = walk(value)
+    return value if out is _DROPPED else out
 
 
 def _shards(plan: list[_Out], max_bytes: int) -> list[list[_Out]]:
@@ -171,8 +203,9 @@ def _shards(plan: list[_Out], max_bytes: int) -> list[list[_Out]]:
     return shards
 
 
-def _config_json(src: Path, adapter: MoEAdapter, config, pattern: Pattern, routers: dict) -> dict:
-    data = json.loads((src / "config.json").read_text())
+def _config_json(data: dict, adapter: MoEAdapter, config, pattern: Pattern, routers: dict) -> dict:
+    """The export's config.json from the source's (`data`, quantization lists already rewritten)."""
+    data = dict(data)
     count = next(iter(pattern.counts.values()))
     aliases = getattr(config, "attribute_map", {}) or {}
     for field in {adapter.num_experts_field, aliases.get(adapter.num_experts_field, adapter.num_experts_field)}:
@@ -280,7 +313,19 @@ def export(
         ckpt.check_pattern(pattern, ckpt.fingerprint(routers))
         for layer, ids in pattern.kept.items():  # every kept expert complete, scale grids as the codec expects
             ckpt.check_experts(layer, ids)
-        _check_quantization_lists(json.loads((src / "config.json").read_text()), adapter)
+        # before any writing: a list the export cannot rewrite refuses the export
+        new_id = {layer: {old: new for new, old in enumerate(ids)} for layer, ids in pattern.kept.items()}
+        data = json.loads((src / "config.json").read_text())
+        for holder, where in ((data, "config.json quantization_config"),
+                              (data.get("text_config"), "config.json text_config.quantization_config")):
+            if isinstance(holder, dict) and "quantization_config" in holder:
+                holder["quantization_config"] = _rewrite_quantization(holder["quantization_config"], adapter,
+                                                                      new_id, where)
+        hf_quant = None  # ModelOpt's quantization config, rewritten the same way (else copied as it is)
+        if (src / "hf_quant_config.json").is_file():
+            source = json.loads((src / "hf_quant_config.json").read_text())
+            rewritten = _rewrite_quantization(source, adapter, new_id, "hf_quant_config.json")
+            hf_quant = rewritten if rewritten != source else None
         plan = _plan(ckpt, pattern, routers)
         shards = _shards(plan, max_bytes)
         with atomic_dir(out, overwrite=force, protect=(src,)) as tmp:
@@ -304,10 +349,13 @@ def export(
             if len(shards) > 1:
                 index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-            (tmp / "config.json").write_text(json.dumps(_config_json(src, adapter, config, pattern, routers), indent=2) + "\n")
+            (tmp / "config.json").write_text(json.dumps(_config_json(data, adapter, config, pattern, routers), indent=2) + "\n")
+            written = {"config.json", "README.md", "pattern.json"}
+            if hf_quant is not None:
+                (tmp / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2) + "\n")
+                written.add("hf_quant_config.json")
             for f in src.iterdir():
-                if f.is_file() and not _WEIGHT_FILES.match(f.name) and f.name not in ("config.json", "README.md",
-                                                                                       "pattern.json"):
+                if f.is_file() and not _WEIGHT_FILES.match(f.name) and f.name not in written:
                     shutil.copyfile(f, tmp / f.name)  # content only: the copy gets the umask's mode, not the source's
             _faults.point("export: config and tokenizer written")
             pattern.save(tmp / "pattern.json")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -61,9 +62,26 @@ def _hub_cache(repo_id: str) -> str | None:
         from huggingface_hub import snapshot_download
 
         folder = snapshot_download(repo_id, local_files_only=True)
-    except Exception:  # not cached, or not a valid repo id
-        return None
+    except Exception as e:  # not cached, or not a valid repo id
+        # moeprune downloads only part of a repo (checkpoint.model_folder), which newer huggingface_hub
+        # reports as an incomplete snapshot: judge that one by what moeprune reads
+        partial = getattr(e, "snapshot_path", None)
+        return str(partial) if partial and _has_safetensors_weights(Path(partial)) else None
     return folder if (Path(folder) / "config.json").is_file() else None
+
+
+def _has_safetensors_weights(folder: Path) -> bool:
+    """Does `folder` hold config.json and every shard its index names (or model.safetensors)?"""
+    if not (folder / "config.json").is_file():
+        return False
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return (folder / "model.safetensors").is_file()
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+        return all((folder / s).is_file() for s in shards)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
 
 
 def _hub_offline() -> bool:

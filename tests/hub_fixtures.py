@@ -1,8 +1,9 @@
-"""Tiny checkpoints laid out as the hub ships them (../shared/notes/hub-formats.md, F1 and F2).
+"""Tiny checkpoints laid out as the hub ships them (../shared/notes/hub-formats.md, F1 to F3).
 
 Written by hand, not by `save_pretrained`: `config.json` in the hub's own spelling (`num_experts`
 for Qwen, `n_routed_experts` for DeepSeek), tensors under the hub's keys, quantized Linears as
-F8_E4M3 codes with a `weight_scale_inv` per 128x128 block, routers and norms in BF16.
+F8_E4M3 codes with a `weight_scale_inv` per 128x128 block (GPT-OSS: MXFP4 expert `_blocks`/`_scales`),
+routers and norms in BF16.
 
 Each fixture knows the float32 value of every tensor the model uses (`dense`), computed here
 block by block, independently of moeprune's codec. Its oracle is the model transformers builds
@@ -13,13 +14,20 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import save_file
 from tiny import char_tokenizer
+
+import moeprune
+from moeprune import MoepruneError, Pattern
+from moeprune.fingerprint import model_fingerprint
+from moeprune.hooks import keep_mask
 
 BLOCK = 128
 FP8_CONFIG = {"activation_scheme": "dynamic", "fmt": "e4m3", "quant_method": "fp8", "weight_block_size": [BLOCK, BLOCK]}
@@ -50,7 +58,8 @@ class Fixture:
 
     @property
     def num_experts(self) -> int:
-        return self.config.get("num_experts") or self.config.get("n_routed_experts")
+        return (self.config.get("num_experts") or self.config.get("n_routed_experts")
+                or self.config.get("num_local_experts"))
 
     def oracle(self):
         """transformers' model of the dense values (float32, no quantization), built once."""
@@ -294,7 +303,7 @@ def fuse_experts(fx: Fixture, folder: Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True)
     for f in fx.folder.iterdir():
-        if f.suffix != ".safetensors":
+        if f.is_file() and f.suffix != ".safetensors":
             shutil.copyfile(f, folder / f.name)
     out = {k: v for k, v in fx.stored.items() if ".experts." not in k}
     E = fx.num_experts
@@ -317,7 +326,7 @@ def variant(fx: Fixture, folder: Path, config: dict | None = None, tensors: dict
     folder = Path(folder)
     folder.mkdir(parents=True)
     for f in fx.folder.iterdir():
-        if f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
+        if f.is_file() and f.suffix != ".safetensors" and f.name != "model.safetensors.index.json":
             shutil.copyfile(f, folder / f.name)
     (folder / "config.json").write_text(json.dumps(fx.config if config is None else config, indent=2))
     stored = dict(fx.stored)
@@ -330,3 +339,123 @@ def variant(fx: Fixture, folder: Path, config: dict | None = None, tensors: dict
     for name, text in (files or {}).items():
         (folder / name).write_text(text)
     return folder
+
+
+MXFP4_CONFIG = {"modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                           "model.embed_tokens", "lm_head"], "quant_method": "mxfp4"}
+
+
+def gpt_oss_mxfp4(folder: Path, seed: int = 0) -> Fixture:
+    """F3: GPT-OSS-20B/120B MXFP4 layout: each layer's experts fused on disk as U8
+    `gate_up_proj_blocks` [E, 2I, H/32, 16] + `_scales` [E, 2I, H/32] (likewise `down_proj`),
+    BF16 biases, router, attention (with sinks) and embeddings. The dense value of an expert
+    weight is transformers' own dequantization (`convert_moe_packed_tensors`, in float32),
+    stored under the in-memory name (`experts.gate_up_proj` [E, H, 2I])."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    H, I_MOE, V, E, LAYERS, heads, kv_heads, head_dim = 64, 64, 128, 8, 3, 4, 2, 16
+    config = {
+        "architectures": ["GptOssForCausalLM"],
+        "attention_bias": True,
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "experts_per_token": 2,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "hidden_size": H,
+        "initial_context_length": 4096,
+        "initializer_range": 0.02,
+        "intermediate_size": I_MOE,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+        "max_position_embeddings": 131072,
+        "model_type": "gpt_oss",
+        "num_attention_heads": heads,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": LAYERS,
+        "num_key_value_heads": kv_heads,
+        "num_local_experts": E,
+        "output_router_logits": False,
+        "pad_token_id": 0,
+        "quantization_config": dict(MXFP4_CONFIG),
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                         "original_max_position_embeddings": 4096, "rope_type": "yarn", "truncate": False},
+        "rope_theta": 150000,
+        "router_aux_loss_coef": 0.9,
+        "sliding_window": 6,
+        "swiglu_limit": 7.0,
+        "tie_word_embeddings": False,
+        "transformers_version": "4.55.0.dev0",
+        "use_cache": True,
+        "vocab_size": V,
+    }
+    w = _Writer(seed, torch.bfloat16)
+    w.fx = Fixture(Path(folder), config)
+    w.plain("model.embed_tokens.weight", (V, H), 0.5)
+    for i in range(LAYERS):
+        p = f"model.layers.{i}"
+        w.plain(f"{p}.input_layernorm.weight", (H,), 0.1, 1.0)
+        w.plain(f"{p}.post_attention_layernorm.weight", (H,), 0.1, 1.0)
+        for proj, rows, cols in (("q", heads * head_dim, H), ("k", kv_heads * head_dim, H),
+                                 ("v", kv_heads * head_dim, H), ("o", H, heads * head_dim)):
+            w.plain(f"{p}.self_attn.{proj}_proj.weight", (rows, cols), 0.05)
+            w.plain(f"{p}.self_attn.{proj}_proj.bias", (rows,), 0.02)
+        w.plain(f"{p}.self_attn.sinks", (heads,), 0.5)
+        w.plain(f"{p}.mlp.router.weight", (E, H), 0.5)
+        w.plain(f"{p}.mlp.router.bias", (E,), 0.1)
+        for proj, rows, cols in (("gate_up_proj", 2 * I_MOE, H), ("down_proj", H, I_MOE)):
+            key = f"{p}.mlp.experts.{proj}"
+            blocks = torch.randint(0, 256, (E, rows, cols // 32, 16), generator=w.gen, dtype=torch.uint8)
+            # scales 2**-7..2**-3, different per group, so a misplaced group or nibble shows
+            scales = torch.randint(120, 125, (E, rows, cols // 32), generator=w.gen, dtype=torch.uint8)
+            w.fx.stored[f"{key}_blocks"] = blocks
+            w.fx.stored[f"{key}_scales"] = scales
+            w.fx.dense[key] = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)
+            w.fx.quantized.add(key)
+            w.plain(f"{key}_bias", (E, rows), 0.05)
+    w.plain("model.norm.weight", (H,), 0.1, 1.0)
+    w.plain("lm_head.weight", (V, H), 0.05)
+    fx = w.save()
+    # the hub repo also ships the OpenAI-format weights and a Metal build: decoys no loader may read
+    (fx.folder / "original").mkdir()
+    save_file({"block.0.mlp.mlp1_weight.blocks": torch.zeros(1, dtype=torch.uint8)},
+              str(fx.folder / "original" / "model.safetensors"))
+    (fx.folder / "metal").mkdir()
+    (fx.folder / "metal" / "model.bin").write_bytes(b"not a safetensors file")
+    return fx
+
+
+# ---------------------------------------------------------------------------------------- test helpers
+IDS = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def random_pattern(fx, seed: int = 0) -> Pattern:
+    """Half of every MoE layer's experts; for DeepSeek two of each group of four."""
+    oracle = fx.oracle()
+    adapter = moeprune.get_adapter(oracle)
+    rng, n = random.Random(seed), fx.num_experts
+    kept = {}
+    for layer in adapter.moe_layers(oracle.config):
+        if adapter.groups(oracle.config):
+            kept[layer] = sorted(e for g in range(0, n, 4) for e in rng.sample(range(g, g + 4), 2))
+        else:
+            kept[layer] = sorted(rng.sample(range(n), n // 2))
+    return Pattern(kept, {"num_experts": n, "fingerprint": model_fingerprint(oracle)})
+
+
+def oracle_logits(fx, pattern: Pattern) -> torch.Tensor:
+    oracle = fx.oracle()
+    with torch.no_grad(), keep_mask(oracle, moeprune.get_adapter(oracle), pattern.keep_masks()):
+        return oracle(IDS).logits
+
+
+def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert (got - want).abs().max().item() <= 1e-5
+
+
+def raises_one_line(fn, match: str) -> str:
+    with pytest.raises(MoepruneError, match=match) as info:
+        fn()
+    assert "\n" not in str(info.value)
+    return str(info.value)

@@ -2,23 +2,27 @@
 oracle built from the dequantized values, or refuse in one line. Fixtures: tests/hub_fixtures.py."""
 
 import json
-import random
 
 import pytest
 import torch
 from hub_fixtures import (
     BLOCK,
     FP8_CONFIG,
+    IDS,
+    assert_close,
     block_values,
     deepseek_v3_fp8,
     fuse_experts,
+    oracle_logits,
     qwen3_moe_fp8,
+    raises_one_line,
+    random_pattern,
     variant,
 )
 from tiny import char_tokenizer
 
 import moeprune
-from moeprune import MoepruneError, Pattern, export, load_slim
+from moeprune import Pattern, export, load_slim
 from moeprune.codecs import codec_for
 from moeprune.codecs import fp8_block as fp8_module
 from moeprune.codecs.fp8_block import dequantize_fp8_block
@@ -28,7 +32,6 @@ from moeprune.reader import CheckpointReader
 from moeprune.serve import ExpertPool
 
 PROMPTS = ["def f(x):\n    return x * 2", "And God said, Let there be light", "#include <stdlib.h>"]
-IDS = torch.randint(4, 100, (2, 12), generator=torch.Generator().manual_seed(0))
 NAMES = ["deepseek_v3", "qwen3_moe", "qwen3_moe_bf16_scales"]
 
 
@@ -42,37 +45,6 @@ def hub(tmp_path_factory):
         "qwen3_moe_bf16_scales": qwen3_moe_fp8(root / "Qwen3-MoE-FP8-bf16-scales", seed=1,
                                                scale_dtype=torch.bfloat16, moe_intermediate_size=192),
     }
-
-
-def _pattern(fx, seed: int = 0) -> Pattern:
-    """Half of every MoE layer's experts; for DeepSeek two of each group of four."""
-    oracle = fx.oracle()
-    adapter = moeprune.get_adapter(oracle)
-    rng, n = random.Random(seed), fx.num_experts
-    kept = {}
-    for layer in adapter.moe_layers(oracle.config):
-        if adapter.groups(oracle.config):
-            kept[layer] = sorted(e for g in range(0, n, 4) for e in rng.sample(range(g, g + 4), 2))
-        else:
-            kept[layer] = sorted(rng.sample(range(n), n // 2))
-    return Pattern(kept, {"num_experts": n, "fingerprint": model_fingerprint(oracle)})
-
-
-def _want(fx, pattern: Pattern) -> torch.Tensor:
-    oracle = fx.oracle()
-    with torch.no_grad(), keep_mask(oracle, moeprune.get_adapter(oracle), pattern.keep_masks()):
-        return oracle(IDS).logits
-
-
-def _close(got: torch.Tensor, want: torch.Tensor) -> None:
-    assert (got - want).abs().max().item() <= 1e-5
-
-
-def _raises_one_line(fn, match: str) -> str:
-    with pytest.raises(MoepruneError, match=match) as info:
-        fn()
-    assert "\n" not in str(info.value)
-    return str(info.value)
 
 
 # ---------------------------------------------------------------------------------------- codec
@@ -95,20 +67,20 @@ def test_codec_registry():
     assert codec_for(FP8_CONFIG).name == "fp8_block"
     assert codec_for({**FP8_CONFIG, "weight_block_size": [64, 128]}).block == (64, 128)
     for bad in ([128], [0, 128], "128", [128.0, 128]):
-        _raises_one_line(lambda bad=bad: codec_for({**FP8_CONFIG, "weight_block_size": bad}), "weight_block_size")
+        raises_one_line(lambda bad=bad: codec_for({**FP8_CONFIG, "weight_block_size": bad}), "weight_block_size")
 
 
 # ---------------------------------------------------------------------------------------- load_slim
 @pytest.mark.parametrize("name", NAMES)
 def test_load_slim_equals_oracle(hub, name):
     fx = hub[name]
-    pattern = _pattern(fx)
+    pattern = random_pattern(fx)
     slim = load_slim(fx.folder, pattern, dtype="float32", record_reads=True)
     with torch.no_grad():
         got = slim(IDS).logits
         got_gen = slim.generate(IDS[:1], max_new_tokens=6, do_sample=False)
-    want = _want(fx, pattern)
-    _close(got, want)
+    want = oracle_logits(fx, pattern)
+    assert_close(got, want)
     oracle = fx.oracle()
     with torch.no_grad(), keep_mask(oracle, moeprune.get_adapter(oracle), pattern.keep_masks()):
         assert torch.equal(oracle.generate(IDS[:1], max_new_tokens=6, do_sample=False), got_gen)
@@ -130,7 +102,7 @@ def test_load_slim_equals_oracle(hub, name):
 
 def test_load_slim_default_dtype_is_the_configs(hub):
     fx = hub["deepseek_v3"]
-    pattern = _pattern(fx)
+    pattern = random_pattern(fx)
     slim = load_slim(fx.folder, pattern)  # config: torch_dtype bfloat16
     # decoded FP8 weights land in bf16 (transformers itself keeps DeepSeek's router in float32)
     for name in ("model.layers.1.mlp.experts.gate_up_proj", "model.layers.1.self_attn.kv_a_proj_with_mqa.weight",
@@ -138,7 +110,7 @@ def test_load_slim_default_dtype_is_the_configs(hub):
         assert slim.get_parameter(name).dtype == torch.bfloat16
     with torch.no_grad():
         got = slim(IDS).logits.float()
-    want = _want(fx, pattern)
+    want = oracle_logits(fx, pattern)
     assert (got - want).abs().max().item() <= 0.05 * want.abs().max().item()  # bf16 rounding only
 
 
@@ -146,18 +118,18 @@ def test_fused_fp8_experts(hub, tmp_path):
     """Experts fused on disk with fused scale grids (a transformers-5 FP8 save): rows of both are read."""
     fx = hub["qwen3_moe"]
     folder = fuse_experts(fx, tmp_path / "fused")
-    pattern = _pattern(fx)
+    pattern = random_pattern(fx)
     slim = load_slim(folder, pattern, dtype="float32")
     with torch.no_grad():
-        _close(slim(IDS).logits, _want(fx, pattern))
-    _raises_one_line(lambda: export(folder, pattern, tmp_path / "out"), "cannot split the quantized fused")
+        assert_close(slim(IDS).logits, oracle_logits(fx, pattern))
+    raises_one_line(lambda: export(folder, pattern, tmp_path / "out"), "cannot split the quantized fused")
 
 
 # ---------------------------------------------------------------------------------------- pool
 @pytest.mark.parametrize("name", ["deepseek_v3", "qwen3_moe_bf16_scales"])
 def test_pool_equals_oracle(hub, name):
     fx = hub[name]
-    a, b = _pattern(fx, seed=0), _pattern(fx, seed=1)
+    a, b = random_pattern(fx, seed=0), random_pattern(fx, seed=1)
     budget = fx.num_experts // 2 + 1  # one spare slot: switching patterns evicts
     with ExpertPool(fx.folder, budget, dtype="float32") as pool:
         assert pool.fingerprint == model_fingerprint(fx.oracle())  # the bf16 sibling's fingerprint
@@ -165,7 +137,7 @@ def test_pool_equals_oracle(hub, name):
         for pattern in (a, b, a):
             with pool.serve(pattern), torch.no_grad():
                 got = pool.model(IDS).logits
-            _close(got, _want(fx, pattern))
+            assert_close(got, oracle_logits(fx, pattern))
         assert pool.stats["evictions"] > 0
 
 
@@ -186,7 +158,7 @@ def test_profile_decodes_with_moeprune(hub, name):
 @pytest.mark.parametrize("name", ["deepseek_v3", "qwen3_moe"])
 def test_export_is_byte_exact(hub, name, tmp_path):
     fx = hub[name]
-    pattern = _pattern(fx)
+    pattern = random_pattern(fx)
     out = export(fx.folder, pattern, tmp_path / "pruned")
     config = json.loads((out / "config.json").read_text())
     assert config["quantization_config"] == fx.config["quantization_config"]
@@ -212,12 +184,11 @@ def test_export_is_byte_exact(hub, name, tmp_path):
     full = Pattern({layer: list(range(k)) for layer in pattern.kept}, {"num_experts": k})
     slim = load_slim(out, full, dtype="float32", verify=False)
     with torch.no_grad():
-        _close(slim(IDS).logits, _want(fx, pattern))
+        assert_close(slim(IDS).logits, oracle_logits(fx, pattern))
 
 
 # ---------------------------------------------------------------------------------------- refusals
 SCHEMES = {
-    "mxfp4": ({"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}, None),
     "compressed-tensors": ({"quant_method": "compressed-tensors", "format": "pack-quantized",
                             "config_groups": {}, "ignore": ["lm_head"]}, None),
     "gptq": ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False, "sym": True}, None),
@@ -239,18 +210,33 @@ def test_unknown_schemes_refuse_everywhere(hub, scheme, tmp_path):
         config["quantization_config"] = qc
     folder = variant(fx, tmp_path / "ckpt", config=config,
                      files={"hf_quant_config.json": json.dumps(hf)} if hf else None)
-    pattern = _pattern(fx)
+    pattern = random_pattern(fx)
     for call in (lambda: load_slim(folder, pattern),
                  lambda: ExpertPool(folder, 6),
                  lambda: moeprune.profile(folder, PROMPTS),
                  lambda: export(folder, pattern, tmp_path / "out")):
-        _raises_one_line(call, scheme)
+        raises_one_line(call, scheme)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_scheme_that_does_not_match_the_tensors_refuses(hub, tmp_path):
+    """A known scheme (mxfp4) declared over tensors it does not store (FP8 codes): refused by name."""
+    fx = hub["qwen3_moe"]
+    config = {**fx.config, "quantization_config": {"quant_method": "mxfp4",
+                                                   "modules_to_not_convert": ["model.layers.*.self_attn"]}}
+    folder = variant(fx, tmp_path / "ckpt", config=config)
+    pattern = random_pattern(fx)
+    for call in (lambda: load_slim(folder, pattern),
+                 lambda: ExpertPool(folder, 6),
+                 lambda: moeprune.profile(folder, PROMPTS),
+                 lambda: export(folder, pattern, tmp_path / "out")):
+        raises_one_line(call, "float8_e4m3fn; mxfp4")
     assert not (tmp_path / "out").exists()
 
 
 def _qwen_variant(hub, tmp_path, **kw):
     fx = hub["qwen3_moe"]
-    return fx, variant(fx, tmp_path / "ckpt", **kw), _pattern(fx)
+    return fx, variant(fx, tmp_path / "ckpt", **kw), random_pattern(fx)
 
 
 def test_fp8_codes_without_a_quantization_config_refuse(hub, tmp_path):
@@ -258,23 +244,23 @@ def test_fp8_codes_without_a_quantization_config_refuse(hub, tmp_path):
     fx = hub["qwen3_moe"]
     config = {k: v for k, v in fx.config.items() if k != "quantization_config"}
     _, folder, pattern = _qwen_variant(hub, tmp_path, config=config)
-    _raises_one_line(lambda: load_slim(folder, pattern), "float8_e4m3fn.*quantization_config")
-    _raises_one_line(lambda: ExpertPool(folder, 6), "float8_e4m3fn.*quantization_config")
+    raises_one_line(lambda: load_slim(folder, pattern), "float8_e4m3fn.*quantization_config")
+    raises_one_line(lambda: ExpertPool(folder, 6), "float8_e4m3fn.*quantization_config")
 
 
 def test_unknown_tensors_refuse(hub, tmp_path):
     """A companion moeprune does not decode (a static input scale) is never dropped silently."""
     _, folder, pattern = _qwen_variant(
         hub, tmp_path, tensors={"model.layers.0.self_attn.q_proj.input_scale": torch.tensor(0.5)})
-    _raises_one_line(lambda: load_slim(folder, pattern), "does not know how to use.*q_proj.input_scale")
-    _raises_one_line(lambda: ExpertPool(folder, 6), "q_proj.input_scale")
+    raises_one_line(lambda: load_slim(folder, pattern), "does not know how to use.*q_proj.input_scale")
+    raises_one_line(lambda: ExpertPool(folder, 6), "q_proj.input_scale")
 
 
 def test_fills_check_shape_and_dtype_class(hub, tmp_path):
     fx, folder, pattern = _qwen_variant(hub, tmp_path, tensors={"model.norm.weight": torch.ones(255, dtype=torch.bfloat16)})
-    _raises_one_line(lambda: load_slim(folder, pattern), r"model.norm.weight .*shape \[255\].*expects \[256\]")
+    raises_one_line(lambda: load_slim(folder, pattern), r"model.norm.weight .*shape \[255\].*expects \[256\]")
     folder = variant(fx, tmp_path / "int", tensors={"model.norm.weight": torch.ones(256, dtype=torch.int32)})
-    _raises_one_line(lambda: load_slim(folder, pattern), "int32 values where the model needs")
+    raises_one_line(lambda: load_slim(folder, pattern), "int32 values where the model needs")
 
 
 def test_e8m0_scales_refuse(hub, tmp_path):
@@ -282,7 +268,7 @@ def test_e8m0_scales_refuse(hub, tmp_path):
     key = "model.layers.0.self_attn.k_proj.weight_scale_inv"
     _, folder, pattern = _qwen_variant(hub, tmp_path, tensors={key: fx.stored[key].to(torch.float8_e8m0fnu)})
     for call in (lambda: load_slim(folder, pattern), lambda: export(folder, pattern, tmp_path / "out")):
-        _raises_one_line(call, "F8_E8M0")
+        raises_one_line(call, "F8_E8M0")
 
 
 def test_quantized_router_refuses(hub, tmp_path):
@@ -290,29 +276,34 @@ def test_quantized_router_refuses(hub, tmp_path):
     key = "model.layers.1.mlp.gate.weight"
     _, folder, pattern = _qwen_variant(hub, tmp_path, tensors={key: fx.stored[key].view(torch.uint8)[:, :256]})
     for call in (lambda: load_slim(folder, pattern, verify=False), lambda: export(folder, pattern, tmp_path / "o")):
-        _raises_one_line(call, "router tensor .*uint8")
+        raises_one_line(call, "router tensor .*uint8")
 
 
 def test_scale_grid_and_missing_scale_refuse(hub, tmp_path):
     fx = hub["qwen3_moe"]
     config = {**fx.config, "quantization_config": {**FP8_CONFIG, "weight_block_size": [64, 64]}}
     _, folder, pattern = _qwen_variant(hub, tmp_path, config=config)
-    _raises_one_line(lambda: load_slim(folder, pattern), r"in 64x64 blocks \(weight_block_size\) needs")
-    _raises_one_line(lambda: export(folder, pattern, tmp_path / "out"), "weight_block_size")
+    raises_one_line(lambda: load_slim(folder, pattern), r"in 64x64 blocks \(weight_block_size\) needs")
+    raises_one_line(lambda: export(folder, pattern, tmp_path / "out"), "weight_block_size")
     kept = pattern.kept[0][0]
     missing = f"model.layers.0.mlp.experts.{kept}.up_proj.weight_scale_inv"
     folder = variant(fx, tmp_path / "no-scale", tensors={missing: None})
-    _raises_one_line(lambda: load_slim(folder, pattern), f"has no {missing}")
-    _raises_one_line(lambda: export(folder, pattern, tmp_path / "out"), f"has no {missing}")
+    raises_one_line(lambda: load_slim(folder, pattern), f"has no {missing}")
+    raises_one_line(lambda: export(folder, pattern, tmp_path / "out"), f"has no {missing}")
 
 
-def test_expert_ids_in_quantization_lists_refuse_export(hub, tmp_path):
+def test_expert_ids_in_quantization_lists_are_renumbered(hub, tmp_path):
+    """Those lists are rewritten on export (tests/test_quant_lists.py); decoding does not read them."""
     fx = hub["qwen3_moe"]
     qc = dict(fx.config["quantization_config"])
     qc["modules_to_not_convert"] = [*qc["modules_to_not_convert"], "model.layers.0.mlp.experts.3.down_proj"]
     _, folder, pattern = _qwen_variant(hub, tmp_path, config={**fx.config, "quantization_config": qc})
-    _raises_one_line(lambda: export(folder, pattern, tmp_path / "out"), "names experts by id")
-    load_slim(folder, pattern, dtype="float32")  # decoding does not depend on those lists
+    load_slim(folder, pattern, dtype="float32")
+    out = export(folder, pattern, tmp_path / "out")
+    lists = json.loads((out / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+    kept = pattern.kept[0]
+    want = [f"model.layers.0.mlp.experts.{kept.index(3)}.down_proj"] if 3 in kept else []
+    assert lists == [*fx.config["quantization_config"]["modules_to_not_convert"], *want]
 
 
 # ---------------------------------------------------------------------------------------- teeth
@@ -329,7 +320,7 @@ def test_the_oracle_catches_a_broken_codec(hub, monkeypatch, broken):
 
     monkeypatch.setattr(fp8_module, "dequantize_fp8_block", wrong)
     fx = hub["deepseek_v3"]
-    pattern = _pattern(fx)
+    pattern = random_pattern(fx)
     with torch.no_grad():
         got = load_slim(fx.folder, pattern, dtype="float32")(IDS).logits
-    assert (got - _want(fx, pattern)).abs().max().item() > 1e-2
+    assert (got - oracle_logits(fx, pattern)).abs().max().item() > 1e-2

@@ -3,7 +3,8 @@
 `codec_for_folder(folder)` reads `config.json`'s `quantization_config` (and `hf_quant_config.json`
 where present) and returns the codec that decodes that scheme, or raises a one-line
 `MoepruneError` naming a scheme moeprune does not implement: it never falls back to a cast.
-Implemented: `none` (unquantized) and `fp8_block` (quant_method fp8 with weight_block_size).
+Implemented: `none` (unquantized), `fp8_block` (quant_method fp8 with weight_block_size) and
+`mxfp4` (GPT-OSS fused expert `_blocks`/`_scales`).
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ import os
 from pathlib import Path
 
 from ..errors import MoepruneError
-from . import fp8_block
+from . import fp8_block, mxfp4
 from .base import PLAIN_FLOATS, Codec
 from .fp8_block import Fp8BlockCodec
+from .mxfp4 import Mxfp4Codec
 from .none import NoneCodec
 
-SUPPORTED = "unquantized checkpoints and block FP8 (quant_method 'fp8' with weight_block_size)"
+SUPPORTED = ("unquantized checkpoints, block FP8 (quant_method 'fp8' with weight_block_size) and "
+             "GPT-OSS MXFP4 (quant_method 'mxfp4')")
 
 # quant_method -> factory(quantization_config, where); anything else is refused by name
-_FACTORIES = {"fp8": fp8_block.from_config}
+_FACTORIES = {"fp8": fp8_block.from_config, "mxfp4": mxfp4.from_config}
 
 
 def _refuse(where: str, scheme: str) -> MoepruneError:
@@ -72,4 +75,4 @@ def codec_for_folder(folder: str | os.PathLike) -> Codec:
     return codec_for(qc, hf, where=str(folder))
 
 
-__all__ = ["PLAIN_FLOATS", "SUPPORTED", "Codec", "Fp8BlockCodec", "NoneCodec", "codec_for", "codec_for_folder"]
+__all__ = ["PLAIN_FLOATS", "SUPPORTED", "Codec", "Fp8BlockCodec", "Mxfp4Codec", "NoneCodec", "codec_for", "codec_for_folder"]

@@ -35,6 +35,11 @@ class Codec:
         return self.name
 
     # ---------------------------------------------------------------- header only
+    def stored(self, reader: CheckpointReader, key: str) -> bool:
+        """Whether the checkpoint holds weight `key`, under its own name or (a quantized weight
+        some schemes store only as companions, e.g. mxfp4 `_blocks`/`_scales`) through them."""
+        return key in reader
+
     def companions(self, reader: CheckpointReader, key: str) -> list[str]:
         """Checkpoint keys that are read together with weight `key` (not `key` itself)."""
         return []

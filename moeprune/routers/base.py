@@ -25,7 +25,14 @@ NEG_INF = float("-inf")
 _EXPERT_KEY = re.compile(r"^model\.layers\.(\d+)\.[^.]+\.experts\.(\d+)\.(.+)$")
 _FUSED_KEY = re.compile(r"^model\.layers\.(\d+)\.[^.]+\.experts\.([a-z_]+)$")
 _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
-_NAMES_EXPERT = re.compile(r"(^|\.)experts\.\d+(\.|$)")
+# A module or tensor name naming one expert (quantization-config lists): the expert itself or
+# anything below it (`...experts.5`, `...experts.5.gate_proj`, `...experts.5.gate_proj.weight`).
+_EXPERT_NAME = re.compile(r"^model\.layers\.(\d+)\.[^.]+\.experts\.(\d+)(\..+)?$")
+# In a regex or glob: "experts" and a separator (`.`, `\.`, `[.]`), then the expert-id part, which
+# ends at the next escaped dot or at a literal dot that starts a module name.
+_PATTERN_EXPERT_ID = re.compile(r"experts(?:\\\.|\[\.\]|\.)(.*?)(?:\\\.|\.(?=[A-Za-z_])|$)")
+# Spellings of "any digit" inside an id part: with them removed, a digit left is a literal id.
+_ANY_DIGIT = re.compile(r"\\d|0-9")
 
 
 @dataclass(frozen=True)
@@ -217,9 +224,26 @@ class MoEAdapter:
         return (int(m.group(1)), m.group(2)) if m else None
 
     @staticmethod
-    def names_expert(name: str) -> bool:
-        """Whether a module or tensor name (e.g. in a quantization config's lists) names one expert by id."""
-        return _NAMES_EXPERT.search(name) is not None
+    def split_expert_name(name: str) -> tuple[int, int] | None:
+        """(layer, expert) of a module or tensor name that names one expert of a decoder layer
+        (`model.layers.3.mlp.experts.5` or anything below it), or None."""
+        m = _EXPERT_NAME.match(name)
+        return (int(m.group(1)), int(m.group(2))) if m else None
+
+    @staticmethod
+    def renumber_expert_name(name: str, new: int) -> str:
+        """Module or tensor name `name` (see `split_expert_name`) with its expert id replaced by `new`."""
+        m = _EXPERT_NAME.match(name)
+        if m is None:
+            raise MoepruneError(f"internal: {name} does not name an expert")
+        return f"{name[: m.start(2)]}{new}{m.group(3) or ''}"
+
+    @staticmethod
+    def pattern_names_expert(pattern: str) -> bool:
+        """Whether a regex or glob over module names singles out experts by id (`experts\\.5\\.`,
+        `experts.[0-3].*`), as opposed to matching every expert (`experts\\.\\d+`, `experts.*`)."""
+        body = pattern[3:] if pattern.startswith("re:") else pattern
+        return any(re.search(r"\d", _ANY_DIGIT.sub("", m.group(1))) for m in _PATTERN_EXPERT_ID.finditer(body))
 
     def extra_layers(self, config) -> list[int]:
         """Decoder-layer indices a checkpoint stores beyond the model's layers (multi-token prediction)."""
