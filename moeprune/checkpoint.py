@@ -147,6 +147,12 @@ def read_routers(reader: CheckpointReader, adapter: MoEAdapter, layers: list[int
     for layer in layers:
         for name in adapter.router_keys(layer):
             key = checkpoint_name(reader, name, adapter)
+            if key is None and codec is not None:
+                stored = next((c for c in adapter.ckpt_candidates(name) if codec.stored(reader, c)), None)
+                if stored is not None:  # only as quantized companions (e.g. weight_packed)
+                    raise MoepruneError(f"router tensor {stored} of {reader.folder} is stored quantized "
+                                        f"({codec.describe()}): moeprune needs unquantized routers "
+                                        f"(they choose the experts and identify the model)")
             if key is None:
                 if name.endswith(".weight"):
                     raise MoepruneError(f"checkpoint {reader.folder} lacks the router weight of layer {layer} ({name})")
@@ -274,7 +280,7 @@ class Checkpoint:
         if all(self.key_of(n) is not None for n in fused):
             return "fused"
         parts = self.adapter.expert_parts(layer, 0)
-        if parts and any(p.key in self.reader for p in parts):
+        if parts and any(self.codec.stored(self.reader, p.key) for p in parts):
             return "per_expert"
         also = f" or {parts[0].key}" if parts else ""
         raise MoepruneError(f"checkpoint {self.folder} lacks the experts of layer {layer} ({fused[0]}{also})")
@@ -344,7 +350,7 @@ class Checkpoint:
             return layout
         for e in experts:
             for p in self.adapter.expert_parts(layer, e):
-                if p.key not in reader:
+                if not codec.stored(reader, p.key):  # GPTQ/AWQ store a weight only as its companions
                     raise MoepruneError(f"checkpoint {self.folder} lacks {p.key}")
                 codec.check(reader, p.key)
         return layout

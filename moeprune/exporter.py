@@ -79,6 +79,13 @@ def _plan(ckpt: Checkpoint, pattern: Pattern, routers: dict) -> list[_Out]:
     # Multi-token-prediction layers hold a MoE block of their own that no pattern covers: dropped
     # (the config says num_nextn_predict_layers 0) rather than copied with all experts.
     extra = set(adapter.extra_layers(ckpt.config))
+    # the same tensor of every expert of a layer (pruned ones too): a codec may write a kept
+    # expert's tensor from all of them (static input scales: the layer's max)
+    siblings: dict[tuple[int, str], list[str]] = {}
+    for key in reader.keys():  # noqa: SIM118 - the reader has no __iter__
+        split = adapter.split_expert_key(key)
+        if split and split[0] in layers:
+            siblings.setdefault((split[0], split[2]), []).append(key)
     plan: list[_Out] = []
     for key in sorted(reader.keys()):
         if extra and adapter.key_layer(key) in extra:
@@ -90,7 +97,8 @@ def _plan(ckpt: Checkpoint, pattern: Pattern, routers: dict) -> list[_Out]:
             layer, expert, _ = split
             if expert in new_id[layer]:
                 name = adapter.renumber_expert_key(key, new_id[layer][expert])
-                plan.append(_Out(name, reader.nbytes(key), lambda key=key: reader.get(key)))
+                load = ckpt.codec.export_tensor(reader, key, siblings[(layer, split[2])])
+                plan.append(_Out(name, reader.nbytes(key), load or (lambda key=key: reader.get(key))))
             continue
         fused = adapter.split_fused_key(key)
         if fused and fused[0] in layers:
@@ -164,12 +172,29 @@ def _rewrite_quantization(value, adapter: MoEAdapter, new_id: dict[int, dict[int
                                     f"the experts and cannot rewrite a pattern; list those experts by name instead")
             return s
         split = adapter.split_expert_name(s)
+        if split is None and (bare := adapter.split_layerless_expert_name(s)) is not None:
+            return layerless(s, bare)
         # not an expert of a pruned layer: its module is copied whole (or dropped, as an MTP layer)
         if split is None or split[0] not in new_id:
             return s
         layer, old = split
         new = new_id[layer].get(old)
         return None if new is None else adapter.renumber_expert_name(s, new)
+
+    counts = {len(ids) for ids in new_id.values()}
+    bare_names = {n for n in _strings(value) if adapter.split_layerless_expert_name(n) and not _is_pattern(n)}
+
+    def layerless(s: str, bare: tuple[str, int, str]) -> str | None:
+        # A name without a layer means that expert of every layer. After the export every pruned layer
+        # holds experts 0..k-1, so the rewrite is exact only when k is one number and the list names
+        # every kept expert the same way: then experts 0..k-1 keep their names, the rest go.
+        before, expert, after = bare
+        named = {b[1] for n in bare_names if (b := adapter.split_layerless_expert_name(n)) and b[0::2] == (before, after)}
+        kept_anywhere = {old for ids in new_id.values() for old in ids}
+        if len(counts) != 1 or not kept_anywhere <= named:
+            raise MoepruneError(f"{where} holds {s!r}, which names an expert without its layer; the export keeps "
+                                f"different experts per layer, so it cannot be rewritten")
+        return s if expert < next(iter(counts)) else None
 
     def walk(x):
         if isinstance(x, str):
@@ -189,6 +214,16 @@ def _rewrite_quantization(value, adapter: MoEAdapter, new_id: dict[int, dict[int
 
     out = walk(value)
     return value if out is _DROPPED else out
+
+
+def _strings(x) -> list[str]:
+    if isinstance(x, str):
+        return [x]
+    if isinstance(x, list):
+        return [s for y in x for s in _strings(y)]
+    if isinstance(x, dict):
+        return [s for k, v in x.items() for s in [*_strings(k), *_strings(v)]]
+    return []
 
 
 def _shards(plan: list[_Out], max_bytes: int) -> list[list[_Out]]:
@@ -228,10 +263,11 @@ def _config_json(data: dict, adapter: MoEAdapter, config, pattern: Pattern, rout
     return data
 
 
-def _model_card(src: str, pattern: Pattern, config, adapter: MoEAdapter, n_params: int) -> str:
+def _model_card(src: str, pattern: Pattern, config, adapter: MoEAdapter, n_params: int, note: str = "") -> str:
     m = pattern.meta
     k = next(iter(pattern.counts.values()))
     n = adapter.num_experts(config)
+    codec_note = f"\n\n{note}" if note else ""  # what the quantization codec wrote differently
     rows = "\n".join(f"| {layer} | {', '.join(map(str, ids))} |" for layer, ids in pattern.kept.items())
     domains = ", ".join(m.get("domains") or []) or "-"
     sources = "; ".join(f"{s.get('domain') or '-'}: {s.get('n_prompts')} prompts, {s.get('n_tokens')} tokens"
@@ -261,7 +297,7 @@ moeprune ran the domain's demonstration prompts through the full model, scored e
 every MoE layer by `{m.get('criterion')}`, kept the top {k} per layer, and copied the kept experts
 (renumbered 0..{k - 1}) with their router rows; everything else (attention, embeddings, norms,
 shared experts) is unchanged. Tokens the model routes to a dropped expert now go to the best
-kept one, so quality outside the listed domains may drop.{_mtp_note(config, adapter)}
+kept one, so quality outside the listed domains may drop.{_mtp_note(config, adapter)}{codec_note}
 
 ## Kept experts (original ids) per MoE layer
 | layer | kept experts |
@@ -359,6 +395,7 @@ def export(
                     shutil.copyfile(f, tmp / f.name)  # content only: the copy gets the umask's mode, not the source's
             _faults.point("export: config and tokenizer written")
             pattern.save(tmp / "pattern.json")
-            (tmp / "README.md").write_text(_model_card(str(model_path), pattern, config, adapter, n_params))
+            (tmp / "README.md").write_text(_model_card(str(model_path), pattern, config, adapter, n_params,
+                                                               ckpt.codec.export_note()))
             _faults.point("export: model card written")
     return out

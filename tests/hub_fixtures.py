@@ -459,3 +459,365 @@ def raises_one_line(fn, match: str) -> str:
         fn()
     assert "\n" not in str(info.value)
     return str(info.value)
+
+
+# ---------------------------------------------------------------------------------------- GPTQ / AWQ (F6)
+# AutoAWQ's packing order: nibble k of a word holds output column 8c + AWQ_PACK_ORDER[k]
+AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+
+
+def _int32_words(words: torch.Tensor) -> torch.Tensor:
+    """int64 words 0..2**32-1 as the int32 bit patterns a checkpoint stores."""
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def pack_rows_int4(codes: torch.Tensor) -> torch.Tensor:
+    """GPTQ qweight: codes [in, out] -> [in/8, out], input row 8r+k in bits 4k of word r."""
+    words = torch.zeros(codes.shape[0] // 8, codes.shape[1], dtype=torch.int64)
+    for k in range(8):
+        words |= codes[k::8].long() << (4 * k)
+    return _int32_words(words)
+
+
+def pack_cols_int4(codes: torch.Tensor, order: tuple[int, ...] = tuple(range(8))) -> torch.Tensor:
+    """codes [rows, out] -> [rows, out/8], column 8c+order[k] in bits 4k of word c (GPTQ qzeros:
+    the plain order; AWQ: AWQ_PACK_ORDER)."""
+    words = torch.zeros(codes.shape[0], codes.shape[1] // 8, dtype=torch.int64)
+    for k in range(8):
+        words |= codes[:, order[k]::8].long() << (4 * k)
+    return _int32_words(words)
+
+
+def int4_values(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """float32 [out, in] of integer `codes` [in, out] with true `zeros`/`scales` [groups, out]
+    and the group of each input row: written from unpacked integers, not by any codec."""
+    out = torch.empty(codes.shape[1], codes.shape[0], dtype=torch.float32)
+    for i in range(codes.shape[0]):
+        g = int(groups[i])
+        out[:, i] = (codes[i].float() - zeros[g].float()) * scales[g].float()
+    return out
+
+
+def _int4_linear(w: _Writer, key: str, rows: int, cols: int, scheme: str, group: int, desc_act: bool = False) -> None:
+    """A 4-bit Linear weight `key` [rows(out), cols(in)] stored as GPTQ or AWQ companions."""
+    base = key.removesuffix(".weight")
+    codes = torch.randint(0, 16, (cols, rows), generator=w.gen)
+    n_groups = math.ceil(cols / group)
+    zeros = torch.randint(1, 16, (n_groups, rows), generator=w.gen)  # 1..15: a GPTQ v1 zero minus one fits 4 bits
+    # ~0.02-sized weights; scales differ per group and column so a misplaced nibble or group shows
+    scales = ((torch.rand(n_groups, rows, generator=w.gen) * 1.5 + 0.5) * 0.004).to(torch.float16)
+    if desc_act:  # act-order: each row's group follows a permutation of the rows
+        groups = (torch.argsort(torch.randperm(cols, generator=w.gen)) // group).to(torch.int32)
+    else:
+        groups = (torch.arange(cols) // group).to(torch.int32)
+    if scheme == "gptq":
+        w.fx.stored[f"{base}.qweight"] = pack_rows_int4(codes)
+        w.fx.stored[f"{base}.qzeros"] = pack_cols_int4(zeros - 1)  # the v1 format stores zero - 1
+        w.fx.stored[f"{base}.scales"] = scales
+        w.fx.stored[f"{base}.g_idx"] = groups
+    else:
+        w.fx.stored[f"{base}.qweight"] = pack_cols_int4(codes, AWQ_PACK_ORDER)
+        w.fx.stored[f"{base}.qzeros"] = pack_cols_int4(zeros, AWQ_PACK_ORDER)
+        w.fx.stored[f"{base}.scales"] = scales
+    w.fx.dense[key] = int4_values(codes, zeros, scales, groups)
+    w.fx.quantized.add(key)
+
+
+GPTQ_CONFIG = {"bits": 4, "damp_percent": 0.1, "desc_act": True, "group_size": 32, "model_file_base_name": "model",
+               "model_name_or_path": None, "quant_method": "gptq", "static_groups": False, "sym": False,
+               "true_sequential": True}
+
+
+def mixtral_gptq(folder: Path, seed: int = 0, quantization_config: dict | None = None) -> Fixture:
+    """F6 (GPTQ): TheBloke's Mixtral-8x7B GPTQ layout: attention and per-expert w1/w2/w3 as
+    `qweight`/`qzeros`/`scales`/`g_idx` (act-order, groups of 32), FP16 router, norms and
+    embeddings, `num_local_experts` spelling, and the old AutoGPTQ root `quantize_config.json`."""
+    H, I_MOE, V, E, LAYERS, heads, kv_heads = 64, 96, 128, 8, 2, 4, 2
+    head_dim = H // heads
+    qc = dict(GPTQ_CONFIG if quantization_config is None else quantization_config)
+    config = {
+        "architectures": ["MixtralForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "hidden_act": "silu",
+        "hidden_size": H,
+        "initializer_range": 0.02,
+        "intermediate_size": I_MOE,
+        "max_position_embeddings": 256,
+        "model_type": "mixtral",
+        "num_attention_heads": heads,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": LAYERS,
+        "num_key_value_heads": kv_heads,
+        "num_local_experts": E,
+        "output_router_logits": False,
+        "pretraining_tp": 1,
+        "quantization_config": qc,
+        "rms_norm_eps": 1e-05,
+        "rope_theta": 1000000.0,
+        "router_aux_loss_coef": 0.02,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "transformers_version": "4.36.0.dev0",
+        "use_cache": True,
+        "vocab_size": V,
+    }
+    w = _Writer(seed, torch.float16)
+    w.fx = Fixture(Path(folder), config)
+    desc_act = bool(qc.get("desc_act"))
+    group = qc.get("group_size", 32)
+    w.plain("model.embed_tokens.weight", (V, H), 0.5, dtype=torch.float16)
+    for i in range(LAYERS):
+        p = f"model.layers.{i}"
+        for proj, rows, cols in (("q", heads * head_dim, H), ("k", kv_heads * head_dim, H),
+                                 ("v", kv_heads * head_dim, H), ("o", H, heads * head_dim)):
+            _int4_linear(w, f"{p}.self_attn.{proj}_proj.weight", rows, cols, "gptq", group, desc_act)
+        w.plain(f"{p}.block_sparse_moe.gate.weight", (E, H), 0.5, dtype=torch.float16)
+        for e in range(E):
+            x = f"{p}.block_sparse_moe.experts.{e}"
+            _int4_linear(w, f"{x}.w1.weight", I_MOE, H, "gptq", group, desc_act)
+            _int4_linear(w, f"{x}.w3.weight", I_MOE, H, "gptq", group, desc_act)
+            _int4_linear(w, f"{x}.w2.weight", H, I_MOE, "gptq", group, desc_act)
+        w.plain(f"{p}.input_layernorm.weight", (H,), 0.1, 1.0, dtype=torch.float16)
+        w.plain(f"{p}.post_attention_layernorm.weight", (H,), 0.1, 1.0, dtype=torch.float16)
+    w.plain("model.norm.weight", (H,), 0.1, 1.0, dtype=torch.float16)
+    w.plain("lm_head.weight", (V, H), 0.05, dtype=torch.float16)
+    fx = w.save()
+    (fx.folder / "quantize_config.json").write_text(json.dumps(
+        {k: v for k, v in qc.items() if k != "quant_method"}, indent=2))
+    return fx
+
+
+AWQ_CONFIG = {"bits": 4, "group_size": 32, "modules_to_not_convert": None, "quant_method": "awq",
+              "version": "gemm", "zero_point": True}
+
+
+def qwen3_moe_awq(folder: Path, seed: int = 0, quantization_config: dict | None = None) -> Fixture:
+    """F6 (AWQ): a Qwen3-30B-A3B-AWQ layout: attention and per-expert gate/up/down as AutoAWQ GEMM
+    `qweight`/`qzeros`/`scales` (interleaved nibbles, groups of 32), FP16 router, norms and
+    embeddings, `num_experts` spelling."""
+    H, I_MOE, V, E, LAYERS, heads, kv_heads, head_dim = 64, 64, 128, 8, 2, 4, 2, 16
+    qc = dict(AWQ_CONFIG if quantization_config is None else quantization_config)
+    config = {
+        "architectures": ["Qwen3MoeForCausalLM"],
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "bos_token_id": 1,
+        "decoder_sparse_step": 1,
+        "eos_token_id": 2,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "hidden_size": H,
+        "initializer_range": 0.02,
+        "intermediate_size": 192,
+        "max_position_embeddings": 256,
+        "max_window_layers": LAYERS,
+        "mlp_only_layers": [],
+        "model_type": "qwen3_moe",
+        "moe_intermediate_size": I_MOE,
+        "norm_topk_prob": True,
+        "num_attention_heads": heads,
+        "num_experts": E,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": LAYERS,
+        "num_key_value_heads": kv_heads,
+        "output_router_logits": False,
+        "quantization_config": qc,
+        "rms_norm_eps": 1e-06,
+        "rope_scaling": None,
+        "rope_theta": 1000000.0,
+        "router_aux_loss_coef": 0.001,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float16",
+        "transformers_version": "4.51.3",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": V,
+    }
+    w = _Writer(seed, torch.float16)
+    w.fx = Fixture(Path(folder), config)
+    group = qc.get("group_size", 32)
+    w.plain("model.embed_tokens.weight", (V, H), 0.5, dtype=torch.float16)
+    for i in range(LAYERS):
+        p = f"model.layers.{i}"
+        for proj, rows, cols in (("q", heads * head_dim, H), ("k", kv_heads * head_dim, H),
+                                 ("v", kv_heads * head_dim, H), ("o", H, heads * head_dim)):
+            _int4_linear(w, f"{p}.self_attn.{proj}_proj.weight", rows, cols, "awq", group)
+        w.plain(f"{p}.self_attn.q_norm.weight", (head_dim,), 0.1, 1.0, dtype=torch.float16)
+        w.plain(f"{p}.self_attn.k_norm.weight", (head_dim,), 0.1, 1.0, dtype=torch.float16)
+        w.plain(f"{p}.mlp.gate.weight", (E, H), 0.5, dtype=torch.float16)
+        for e in range(E):
+            x = f"{p}.mlp.experts.{e}"
+            _int4_linear(w, f"{x}.gate_proj.weight", I_MOE, H, "awq", group)
+            _int4_linear(w, f"{x}.up_proj.weight", I_MOE, H, "awq", group)
+            _int4_linear(w, f"{x}.down_proj.weight", H, I_MOE, "awq", group)
+        w.plain(f"{p}.input_layernorm.weight", (H,), 0.1, 1.0, dtype=torch.float16)
+        w.plain(f"{p}.post_attention_layernorm.weight", (H,), 0.1, 1.0, dtype=torch.float16)
+    w.plain("model.norm.weight", (H,), 0.1, 1.0, dtype=torch.float16)
+    w.plain("lm_head.weight", (V, H), 0.05, dtype=torch.float16)
+    return w.save()
+
+
+# ---------------------------------------------------------------------------------------- compressed-tensors (F4, F5, F7)
+def _ct_qwen3_config(quantization_config: dict, H: int, I_MOE: int, E: int, layers: int, head_dim: int,
+                     heads: int, kv_heads: int, V: int) -> dict:
+    """A Qwen3-MoE config.json as the hub spells it (`num_experts`), with `quantization_config`."""
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 1, "decoder_sparse_step": 1, "eos_token_id": 2, "head_dim": head_dim,
+        "hidden_act": "silu", "hidden_size": H, "initializer_range": 0.02, "intermediate_size": 3 * H,
+        "max_position_embeddings": 256, "max_window_layers": layers, "mlp_only_layers": [],
+        "model_type": "qwen3_moe", "moe_intermediate_size": I_MOE, "norm_topk_prob": True,
+        "num_attention_heads": heads, "num_experts": E, "num_experts_per_tok": 2, "num_hidden_layers": layers,
+        "num_key_value_heads": kv_heads, "output_router_logits": False, "quantization_config": quantization_config,
+        "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
+        "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False, "vocab_size": V,
+    }
+
+
+def ct_config(fmt: str, weights: dict, input_activations: dict | None = None,
+              ignore: list[str] | None = None) -> dict:
+    """A compressed-tensors quantization_config as llm-compressor writes it (one config group)."""
+    return {
+        "config_groups": {"group_0": {"format": fmt, "input_activations": input_activations,
+                                      "output_activations": None, "targets": ["Linear"], "weights": weights}},
+        "format": fmt, "global_compression_ratio": None,
+        "ignore": ignore if ignore is not None else ["lm_head", "re:.*mlp.gate$"],
+        "kv_cache_scheme": None, "quant_method": "compressed-tensors", "quantization_status": "compressed",
+        "sparsity_config": {}, "transform_config": {}, "version": "0.10.2",
+    }
+
+
+def pack_int32_columns(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unsigned codes [R, C] packed one column at a time: column c in bits bits*(c % p) of word
+    c // p, p = 32 / bits (compressed-tensors' `pack_to_int32`); int32 bit patterns."""
+    per_word = 32 // bits
+    words = torch.zeros(codes.shape[0], -(-codes.shape[1] // per_word), dtype=torch.int64)
+    for c in range(codes.shape[1]):
+        words[:, c // per_word] |= codes[:, c].long() << (bits * (c % per_word))
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def qwen3_moe_ct_int(folder: Path, seed: int = 0, symmetric: bool = True, actorder: bool = False,
+                     plain: tuple[str, ...] = (), bits: int = 4, group: int = 32) -> Fixture:
+    """F4: a compressed-tensors W4A16 Qwen3-MoE (pack-quantized, groups of `group`): every Linear
+    but the router and lm_head as `weight_packed` I32 + `weight_scale` BF16 + `weight_shape` I64,
+    with `weight_zero_point` (asymmetric) and `weight_g_idx` (actorder). `plain`: Linear names
+    (e.g. one expert's down_proj) stored in BF16 and listed by name in `ignore`."""
+    H, I_MOE, V, E, LAYERS, head_dim, heads, kv_heads = 64, 64, 128, 8, 2, 16, 4, 2
+    weights = {"actorder": "group" if actorder else None, "block_structure": None, "dynamic": False,
+               "group_size": group, "num_bits": bits, "observer": "minmax", "observer_kwargs": {},
+               "strategy": "group", "symmetric": symmetric, "type": "int"}
+    qc = ct_config("pack-quantized", weights, ignore=["lm_head", "re:.*mlp.gate$", *plain])
+    w = _Writer(seed, torch.bfloat16)
+    w.fx = Fixture(Path(folder), _ct_qwen3_config(qc, H, I_MOE, E, LAYERS, head_dim, heads, kv_heads, V))
+    half, per_word = 1 << (bits - 1), 32 // bits
+
+    def linear(name: str, rows: int, cols: int) -> None:
+        if name in plain:
+            w.plain(f"{name}.weight", (rows, cols), 0.05)
+            return
+        groups = cols // group
+        q = torch.randint(-half, half, (rows, cols), generator=w.gen)
+        scale = ((torch.rand(rows, groups, generator=w.gen) + 0.5) * (0.05 / half)).to(torch.bfloat16)
+        zp = torch.zeros(rows, groups, dtype=torch.long)
+        if not symmetric:
+            zp = torch.randint(-half, half, (rows, groups), generator=w.gen)
+        g_idx = torch.arange(cols) // group
+        if actorder:  # columns assigned to groups in a shuffled order, group_size columns each
+            g_idx = torch.randperm(cols, generator=w.gen) // group
+        dense = torch.empty(rows, cols)
+        for c in range(cols):  # one column at a time, with its own group's scale and zero point
+            g = int(g_idx[c])
+            dense[:, c] = (q[:, c] - zp[:, g]).float() * scale[:, g].float()
+        fx = w.fx
+        fx.stored[f"{name}.weight_packed"] = pack_int32_columns(q + half, bits)
+        fx.stored[f"{name}.weight_scale"] = scale
+        fx.stored[f"{name}.weight_shape"] = torch.tensor([rows, cols], dtype=torch.int64)
+        if not symmetric:  # packed along dim 0: the columns of the transpose
+            fx.stored[f"{name}.weight_zero_point"] = pack_int32_columns((zp + half).t(), bits).t()
+            assert fx.stored[f"{name}.weight_zero_point"].shape == (-(-rows // per_word), groups)
+        if actorder:
+            fx.stored[f"{name}.weight_g_idx"] = g_idx.to(torch.int32)
+        fx.dense[f"{name}.weight"] = dense
+        fx.quantized.add(f"{name}.weight")
+
+    _ct_qwen3_tensors(w, linear, H, I_MOE, V, E, LAYERS, head_dim, heads, kv_heads)
+    return w.save()
+
+
+def _ct_qwen3_tensors(w: _Writer, linear, H: int, I_MOE: int, V: int, E: int, layers: int, head_dim: int,
+                      heads: int, kv_heads: int) -> None:
+    w.plain("model.embed_tokens.weight", (V, H), 0.5)
+    for i in range(layers):
+        p = f"model.layers.{i}"
+        linear(f"{p}.self_attn.q_proj", heads * head_dim, H)
+        linear(f"{p}.self_attn.k_proj", kv_heads * head_dim, H)
+        linear(f"{p}.self_attn.v_proj", kv_heads * head_dim, H)
+        linear(f"{p}.self_attn.o_proj", H, heads * head_dim)
+        w.plain(f"{p}.self_attn.q_norm.weight", (head_dim,), 0.1, 1.0)
+        w.plain(f"{p}.self_attn.k_norm.weight", (head_dim,), 0.1, 1.0)
+        w.plain(f"{p}.mlp.gate.weight", (E, H), 0.5)
+        for e in range(E):
+            linear(f"{p}.mlp.experts.{e}.gate_proj", I_MOE, H)
+            linear(f"{p}.mlp.experts.{e}.up_proj", I_MOE, H)
+            linear(f"{p}.mlp.experts.{e}.down_proj", H, I_MOE)
+        w.plain(f"{p}.input_layernorm.weight", (H,), 0.1, 1.0)
+        w.plain(f"{p}.post_attention_layernorm.weight", (H,), 0.1, 1.0)
+    w.plain("model.norm.weight", (H,), 0.1, 1.0)
+    w.plain("lm_head.weight", (V, H), 0.05)
+
+
+def qwen3_moe_ct_fp8(folder: Path, seed: int = 0, static: bool = False) -> Fixture:
+    """F5 / F7: a compressed-tensors FP8 Qwen3-MoE (float-quantized): every Linear but the router
+    and lm_head as F8_E4M3 `weight` + per-channel `weight_scale` BF16 [out, 1]. `static`: FP8
+    static activations, each Linear with an F32 `input_scale` [1]; the experts' differ (the
+    gate and up of one expert share theirs, as they read the same input)."""
+    H, I_MOE, V, E, LAYERS, head_dim, heads, kv_heads = 64, 64, 128, 8, 2, 16, 4, 2
+    weights = {"actorder": None, "block_structure": None, "dynamic": False, "group_size": None, "num_bits": 8,
+               "observer": "minmax", "observer_kwargs": {}, "strategy": "channel", "symmetric": True,
+               "type": "float"}
+    inputs = ({"actorder": None, "block_structure": None, "dynamic": False, "group_size": None, "num_bits": 8,
+               "observer": "minmax", "observer_kwargs": {}, "strategy": "tensor", "symmetric": True, "type": "float"}
+              if static else
+              {"actorder": None, "block_structure": None, "dynamic": True, "group_size": None, "num_bits": 8,
+               "observer": None, "observer_kwargs": {}, "strategy": "token", "symmetric": True, "type": "float"})
+    qc = ct_config("float-quantized", weights, inputs)
+    w = _Writer(seed, torch.bfloat16)
+    w.fx = Fixture(Path(folder), _ct_qwen3_config(qc, H, I_MOE, E, LAYERS, head_dim, heads, kv_heads, V))
+    shared: dict[str, torch.Tensor] = {}
+
+    def linear(name: str, rows: int, cols: int) -> None:
+        codes = (torch.randn(rows, cols, generator=w.gen) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
+        scale = ((torch.rand(rows, 1, generator=w.gen) + 0.5) * (0.02 / 64)).to(torch.bfloat16)
+        w._put(f"{name}.weight", codes, codes.float() * scale.float(), extra=False)
+        w.fx.stored[f"{name}.weight_scale"] = scale
+        w.fx.quantized.add(f"{name}.weight")
+        if static:
+            # Linears reading the same input share a scale: q/k/v, and an expert's gate/up
+            reader = name.rsplit(".", 1)[0] + (".qkv" if name.endswith(("q_proj", "k_proj", "v_proj")) else
+                                               ".gate_up" if name.endswith(("gate_proj", "up_proj")) else name)
+            if reader not in shared:
+                shared[reader] = torch.rand(1, generator=w.gen) * 0.05 + 0.01
+            w.fx.stored[f"{name}.input_scale"] = shared[reader].clone()
+
+    _ct_qwen3_tensors(w, linear, H, I_MOE, V, E, LAYERS, head_dim, heads, kv_heads)
+    return w.save()
+
+
+def assert_pool_matches_oracle(fx) -> None:
+    """An ExpertPool over `fx` with room for fewer experts than two patterns need equals the oracle
+    while it switches between them (so it evicts), and has the oracle's fingerprint."""
+    from moeprune.serve import ExpertPool
+
+    a, b = random_pattern(fx, seed=0), random_pattern(fx, seed=1)
+    with ExpertPool(fx.folder, fx.num_experts // 2 + 1, dtype="float32") as pool:
+        assert pool.fingerprint == model_fingerprint(fx.oracle())
+        for pattern in (a, b, a):
+            with pool.serve(pattern), torch.no_grad():
+                assert_close(pool.model(IDS).logits, oracle_logits(fx, pattern))
+        assert pool.stats["evictions"] > 0

@@ -131,3 +131,21 @@ def test_layers_without_a_pattern_are_unchanged(tmp_path):
         "model.layers.0.mlp.gate_proj", "model.layers.1.mlp.experts.2.down_proj",
         "model.layers.2.mlp.shared_experts.gate_proj",
         "model.layers.3.mlp.experts.11.gate_proj", "model.layers.3.mlp.experts.5"]
+
+
+def test_expert_names_without_a_layer(qwen, tmp_path):
+    """GPTQ's modules_in_block_to_quantize names experts without their layer: with the same count kept in
+    every layer and every kept expert listed, experts 0..k-1 keep their names and the rest go."""
+    every = [f"mlp.experts.{e}.{p}" for e in range(8) for p in ("gate_proj", "down_proj")]
+    qc = {**FP8_CONFIG, "modules_in_block_to_quantize": [["self_attn.q_proj"], every]}
+    folder = variant(qwen, tmp_path / "ckpt", config={**qwen.config, "quantization_config": qc})
+    out = export(folder, _pattern(folder, KEPT, 8), tmp_path / "out")
+    got = json.loads((out / "config.json").read_text())["quantization_config"]["modules_in_block_to_quantize"]
+    assert got == [["self_attn.q_proj"], [f"mlp.experts.{e}.{p}" for e in range(4) for p in ("gate_proj", "down_proj")]]
+    kept = next(iter(KEPT.values()))
+    partial = [n for n in every if f".{kept[0]}." not in n]  # a kept expert is missing from the list
+    qc = {**FP8_CONFIG, "modules_in_block_to_quantize": [partial]}
+    folder = variant(qwen, tmp_path / "ckpt2", config={**qwen.config, "quantization_config": qc})
+    with pytest.raises(MoepruneError, match="names an expert without its layer") as info:
+        export(folder, _pattern(folder, KEPT, 8), tmp_path / "out2")
+    assert "\n" not in str(info.value) and not (tmp_path / "out2").exists()

@@ -4,7 +4,9 @@
 where present) and returns the codec that decodes that scheme, or raises a one-line
 `MoepruneError` naming a scheme moeprune does not implement: it never falls back to a cast.
 Implemented: `none` (unquantized), `fp8_block` (quant_method fp8 with weight_block_size) and
-`mxfp4` (GPT-OSS fused expert `_blocks`/`_scales`).
+`mxfp4` (GPT-OSS fused expert `_blocks`/`_scales`),
+`gptq` and `awq` (4-bit per-Linear `qweight`/`qzeros`/`scales`, GPTQ's `g_idx`),
+`compressed_tensors` (pack-quantized int4/int8, float-quantized FP8 with static input scales).
 """
 
 from __future__ import annotations
@@ -14,17 +16,19 @@ import os
 from pathlib import Path
 
 from ..errors import MoepruneError
-from . import fp8_block, mxfp4
+from . import awq, compressed_tensors, fp8_block, gptq, mxfp4
 from .base import PLAIN_FLOATS, Codec
 from .fp8_block import Fp8BlockCodec
 from .mxfp4 import Mxfp4Codec
 from .none import NoneCodec
 
 SUPPORTED = ("unquantized checkpoints, block FP8 (quant_method 'fp8' with weight_block_size) and "
-             "GPT-OSS MXFP4 (quant_method 'mxfp4')")
+             "GPT-OSS MXFP4 (quant_method 'mxfp4'), 4-bit GPTQ (quant_method 'gptq') and 4-bit AWQ GEMM "
+             "(quant_method 'awq'), compressed-tensors pack-quantized int4/int8 and float-quantized FP8")
 
 # quant_method -> factory(quantization_config, where); anything else is refused by name
-_FACTORIES = {"fp8": fp8_block.from_config, "mxfp4": mxfp4.from_config}
+_FACTORIES = {"fp8": fp8_block.from_config, "mxfp4": mxfp4.from_config, "gptq": gptq.from_config,
+              "awq": awq.from_config, "compressed-tensors": compressed_tensors.from_config}
 
 
 def _refuse(where: str, scheme: str) -> MoepruneError:

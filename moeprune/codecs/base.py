@@ -10,7 +10,7 @@ dtype or a layout they do not know is a one-line `MoepruneError`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -83,6 +83,16 @@ class Codec:
             reader.get(key, out=out)
         else:
             reader.get_rows(key, rows, out=out)
+
+    def export_tensor(self, reader: CheckpointReader, key: str,
+                      siblings: Sequence[str]) -> Callable[[], torch.Tensor] | None:
+        """How export writes `key`, a tensor of a kept expert, where a byte copy would change what
+        is served (None: copy it). `siblings`: the same tensor of every expert of its layer."""
+        return None
+
+    def export_note(self) -> str:
+        """A sentence for the export's model card on how the export differs from a byte copy ('' if not)."""
+        return ""
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

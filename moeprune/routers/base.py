@@ -28,6 +28,7 @@ _LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.")
 # A module or tensor name naming one expert (quantization-config lists): the expert itself or
 # anything below it (`...experts.5`, `...experts.5.gate_proj`, `...experts.5.gate_proj.weight`).
 _EXPERT_NAME = re.compile(r"^model\.layers\.(\d+)\.[^.]+\.experts\.(\d+)(\..+)?$")
+_LAYERLESS_EXPERT_NAME = re.compile(r"^(.*?\bexperts)\.(\d+)(\..+)?$")
 # In a regex or glob: "experts" and a separator (`.`, `\.`, `[.]`), then the expert-id part, which
 # ends at the next escaped dot or at a literal dot that starts a module name.
 _PATTERN_EXPERT_ID = re.compile(r"experts(?:\\\.|\[\.\]|\.)(.*?)(?:\\\.|\.(?=[A-Za-z_])|$)")
@@ -229,6 +230,15 @@ class MoEAdapter:
         (`model.layers.3.mlp.experts.5` or anything below it), or None."""
         m = _EXPERT_NAME.match(name)
         return (int(m.group(1)), int(m.group(2))) if m else None
+
+    @staticmethod
+    def split_layerless_expert_name(name: str) -> tuple[str, int, str] | None:
+        """(before, expert, after) of a name that names an expert without its layer, as GPTQ's
+        `modules_in_block_to_quantize` does (`block_sparse_moe.experts.7.w1`), or None."""
+        if _EXPERT_NAME.match(name):
+            return None
+        m = _LAYERLESS_EXPERT_NAME.match(name)
+        return (m.group(1), int(m.group(2)), m.group(3) or "") if m else None
 
     @staticmethod
     def renumber_expert_name(name: str, new: int) -> str:

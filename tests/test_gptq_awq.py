@@ -1,0 +1,233 @@
+"""GPTQ and AWQ (4-bit, per-expert `qweight`/`qzeros`/`scales`/`g_idx`) hub checkpoints:
+load_slim, the ExpertPool and profile equal an oracle built from independently dequantized
+values; export copies kept experts' companions byte for byte; variants moeprune does not decode
+refuse in one line. Fixtures: tests/hub_fixtures.py (F6)."""
+
+import json
+
+import pytest
+import torch
+from hub_fixtures import (
+    AWQ_CONFIG,
+    AWQ_PACK_ORDER,
+    GPTQ_CONFIG,
+    IDS,
+    assert_close,
+    assert_pool_matches_oracle,
+    int4_values,
+    mixtral_gptq,
+    oracle_logits,
+    pack_cols_int4,
+    pack_rows_int4,
+    qwen3_moe_awq,
+    raises_one_line,
+    random_pattern,
+    variant,
+)
+from tiny import char_tokenizer
+
+import moeprune
+from moeprune import Pattern, export, load_slim
+from moeprune.codecs import awq as awq_module
+from moeprune.codecs import codec_for
+from moeprune.codecs import gptq as gptq_module
+from moeprune.codecs.awq import dequantize_awq, unpack_awq
+from moeprune.codecs.gptq import dequantize_gptq
+from moeprune.reader import CheckpointReader
+from moeprune.serve import ExpertPool
+
+PROMPTS = ["def f(x):\n    return x * 2", "And God said, Let there be light", "#include <stdlib.h>"]
+NAMES = ["mixtral_gptq", "mixtral_gptq_no_act_order", "qwen3_moe_awq"]
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub")
+    return {
+        "mixtral_gptq": mixtral_gptq(root / "Mixtral-GPTQ"),
+        # the common layout: desc_act false, symmetric, g_idx = row // group_size
+        "mixtral_gptq_no_act_order": mixtral_gptq(root / "Mixtral-GPTQ-plain", seed=1, quantization_config={
+            **GPTQ_CONFIG, "desc_act": False, "sym": True, "checkpoint_format": "gptq"}),
+        "qwen3_moe_awq": qwen3_moe_awq(root / "Qwen3-MoE-AWQ"),
+    }
+
+
+def expert_parts(fx) -> tuple[str, tuple[str, ...], tuple[str, ...]]:
+    """(expert key prefix format, projections, companion suffixes) of a fixture."""
+    if fx.config["model_type"] == "mixtral":
+        return ("model.layers.{l}.block_sparse_moe.experts.{e}", ("w1", "w2", "w3"),
+                ("qweight", "qzeros", "scales", "g_idx"))
+    return "model.layers.{l}.mlp.experts.{e}", ("gate_proj", "up_proj", "down_proj"), ("qweight", "qzeros", "scales")
+
+
+# ---------------------------------------------------------------------------------------- codec
+def test_awq_nibble_order():
+    word = sum(k << (4 * k) for k in range(8))  # nibble k holds k
+    codes = unpack_awq(torch.tensor([[word]], dtype=torch.int32))
+    # nibble k holds column AWQ_PACK_ORDER[k]: column 2 is nibble 1, column 1 nibble 4
+    assert codes.tolist() == [[0, 4, 1, 5, 2, 6, 3, 7]]
+    assert pack_cols_int4(codes, AWQ_PACK_ORDER).item() == word
+
+
+def test_dequantize_equals_integer_values():
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (96, 40), generator=gen)  # [in, out]
+    zeros = torch.randint(1, 16, (3, 40), generator=gen)
+    scales = torch.rand(3, 40, generator=gen).half()
+    groups = (torch.argsort(torch.randperm(96, generator=gen)) // 32).int()
+    want = int4_values(codes, zeros, scales, groups)
+    got = dequantize_gptq(pack_rows_int4(codes), pack_cols_int4(zeros - 1), scales, groups)
+    assert torch.equal(got, want)
+    plain = (torch.arange(96) // 32).int()
+    got = dequantize_awq(pack_cols_int4(codes, AWQ_PACK_ORDER), pack_cols_int4(zeros, AWQ_PACK_ORDER), scales, 32)
+    assert torch.equal(got, int4_values(codes, zeros, scales, plain))
+    # a code of 15 in the top nibble makes the int32 word negative: still decoded as 15
+    assert pack_rows_int4(torch.full((8, 1), 15)).item() == -1
+    assert dequantize_gptq(torch.tensor([[-1]], dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
+                           torch.ones(1, 8).half(), torch.zeros(8, dtype=torch.int32))[0].tolist() == [14.0] * 8
+
+
+def test_codec_registry():
+    assert codec_for(GPTQ_CONFIG).name == "gptq"
+    assert codec_for({**GPTQ_CONFIG, "checkpoint_format": "gptq"}).desc_act is True
+    assert codec_for(AWQ_CONFIG).name == "awq"
+    assert codec_for({**AWQ_CONFIG, "version": "GEMM", "group_size": -1}).group_size == -1
+    refused = [
+        ({**GPTQ_CONFIG, "bits": 8}, "bits 8"),
+        ({**GPTQ_CONFIG, "bits": 3}, "bits 3"),
+        ({**GPTQ_CONFIG, "checkpoint_format": "gptq_v2"}, "checkpoint_format 'gptq_v2'"),
+        ({**GPTQ_CONFIG, "checkpoint_format": "marlin"}, "checkpoint_format 'marlin'"),
+        ({**GPTQ_CONFIG, "is_marlin_format": True}, "checkpoint_format 'marlin'"),
+        ({**GPTQ_CONFIG, "group_size": 100}, "group_size"),
+        ({**GPTQ_CONFIG, "desc_act": "yes"}, "desc_act"),
+        ({**AWQ_CONFIG, "bits": 8}, "bits 8"),
+        ({**AWQ_CONFIG, "version": "gemv"}, "version 'gemv'"),
+        ({**AWQ_CONFIG, "version": "gemv_fast"}, "version 'gemv_fast'"),
+        ({**AWQ_CONFIG, "version": "exllama"}, "version 'exllama'"),
+        ({**AWQ_CONFIG, "version": "marlin"}, "version 'marlin'"),
+        ({**AWQ_CONFIG, "version": "ipex"}, "version 'ipex'"),
+        ({**AWQ_CONFIG, "zero_point": False}, "zero_point False"),
+    ]
+    for qc, match in refused:
+        raises_one_line(lambda qc=qc: codec_for(qc), match)
+
+
+# ---------------------------------------------------------------------------------------- load_slim, pool, profile
+@pytest.mark.parametrize("name", NAMES)
+def test_load_slim_equals_oracle(hub, name):
+    fx = hub[name]
+    pattern = random_pattern(fx)
+    slim = load_slim(fx.folder, pattern, dtype="float32")
+    with torch.no_grad():
+        assert_close(slim(IDS).logits, oracle_logits(fx, pattern))
+    assert not hasattr(slim.config, "quantization_config")  # it holds decoded floats
+    assert moeprune.get_adapter(slim).num_experts(slim.config) == fx.num_experts // 2
+
+
+@pytest.mark.parametrize("name", ["mixtral_gptq", "qwen3_moe_awq"])
+def test_pool_equals_oracle(hub, name):
+    fx = hub[name]
+    assert_pool_matches_oracle(fx)
+
+
+@pytest.mark.parametrize("name", ["mixtral_gptq", "qwen3_moe_awq"])
+def test_profile_decodes_with_moeprune(hub, name):
+    fx = hub[name]
+    prof = moeprune.profile(fx.folder, PROMPTS, dtype="float32")
+    ref = moeprune.profile(fx.oracle(), PROMPTS, tokenizer=char_tokenizer())
+    assert prof.fingerprint == ref.fingerprint
+    for stat in ("frequency", "mass", "gate_norm"):
+        assert torch.allclose(prof.stats[stat], ref.stats[stat], rtol=1e-5, atol=1e-6), stat
+
+
+# ---------------------------------------------------------------------------------------- export
+@pytest.mark.parametrize("name", ["mixtral_gptq", "qwen3_moe_awq"])
+def test_export_is_byte_exact(hub, name, tmp_path):
+    fx = hub[name]
+    pattern = random_pattern(fx)
+    out = export(fx.folder, pattern, tmp_path / "pruned")
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == fx.config["quantization_config"]
+    k = fx.num_experts // 2
+    prefix, projs, suffixes = expert_parts(fx)
+    with CheckpointReader(fx.folder) as src, CheckpointReader(out) as dst:
+        for layer, ids in pattern.kept.items():
+            for new, old in enumerate(ids):
+                for proj in projs:
+                    for suffix in suffixes:
+                        a = src.get(f"{prefix.format(l=layer, e=old)}.{proj}.{suffix}")
+                        b = dst.get(f"{prefix.format(l=layer, e=new)}.{proj}.{suffix}")
+                        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+            assert f"{prefix.format(l=layer, e=k)}.{projs[0]}.qweight" not in dst
+            assert not any(key.endswith(".weight") and ".experts." in key for key in dst.keys())  # noqa: SIM118
+    full = Pattern({layer: list(range(k)) for layer in pattern.kept}, {"num_experts": k})
+    slim = load_slim(out, full, dtype="float32", verify=False)
+    with torch.no_grad():
+        assert_close(slim(IDS).logits, oracle_logits(fx, pattern))
+
+
+# ---------------------------------------------------------------------------------------- refusals
+def test_unsupported_variants_refuse_everywhere(hub, tmp_path):
+    fx = hub["mixtral_gptq"]
+    pattern = random_pattern(fx)
+    for i, (qc, match) in enumerate([({**GPTQ_CONFIG, "bits": 8}, "bits 8"),
+                                     ({**GPTQ_CONFIG, "checkpoint_format": "gptq_v2"}, "gptq_v2"),
+                                     ({**AWQ_CONFIG, "version": "gemv"}, "gemv")]):
+        folder = variant(fx, tmp_path / f"ckpt{i}", config={**fx.config, "quantization_config": qc})
+        for call in (lambda folder=folder: load_slim(folder, pattern),
+                     lambda folder=folder: ExpertPool(folder, 6),
+                     lambda folder=folder: moeprune.profile(folder, PROMPTS),
+                     lambda folder=folder, i=i: export(folder, pattern, tmp_path / f"out{i}")):
+            raises_one_line(call, match)
+        assert not (tmp_path / f"out{i}").exists()
+
+
+def test_broken_checkpoints_refuse(hub, tmp_path):
+    fx = hub["mixtral_gptq"]
+    pattern = random_pattern(fx)
+    e = pattern.kept[0][0]
+    x = f"model.layers.0.block_sparse_moe.experts.{e}.w2"
+    groups = fx.stored[f"{x}.scales"].shape[0]
+    cases = {
+        "no_zeros": ({f"{x}.qzeros": None}, "has no .*qzeros"),
+        "scales": ({f"{x}.scales": fx.stored[f"{x}.scales"][:1]}, "scales .*has shape"),
+        "g_idx": ({f"{x}.g_idx": torch.full_like(fx.stored[f"{x}.g_idx"], groups)}, "g_idx .*names groups"),
+        "no_g_idx": ({f"{x}.g_idx": None}, "no g_idx, but desc_act"),
+        "qweight_dtype": ({f"{x}.qweight": fx.stored[f"{x}.qweight"].float()}, "qweight .*int32"),
+    }
+    for name, (tensors, match) in cases.items():
+        folder = variant(fx, tmp_path / name, tensors=tensors)
+        raises_one_line(lambda folder=folder: load_slim(folder, pattern, dtype="float32"), match)
+    # AWQ rejects a g_idx it would not read: no key is left unexplained
+    awq = hub["qwen3_moe_awq"]
+    y = "model.layers.0.mlp.experts.0.down_proj"
+    folder = variant(awq, tmp_path / "awq_g_idx", tensors={f"{y}.g_idx": torch.zeros(64, dtype=torch.int32)})
+    raises_one_line(lambda: load_slim(folder, random_pattern(awq), dtype="float32"), "does not know how to use")
+
+
+# ---------------------------------------------------------------------------------------- teeth
+@pytest.mark.parametrize("broken", ["gptq zero offset", "gptq g_idx ignored", "gptq nibble order",
+                                    "awq nibble order", "awq zero offset"])
+def test_the_oracle_catches_a_broken_codec(hub, monkeypatch, broken):
+    """Break each codec once on purpose and watch the result leave the oracle."""
+    real = gptq_module.dequantize_gptq
+    if broken == "gptq zero offset":
+        monkeypatch.setattr(gptq_module, "dequantize_gptq", lambda q, z, s, g: real(q, z, s, g, zero_offset=0))
+    elif broken == "gptq g_idx ignored":
+        monkeypatch.setattr(gptq_module, "dequantize_gptq",
+                            lambda q, z, s, g: real(q, z, s, (torch.arange(g.numel()) // 32).int()))
+    elif broken == "gptq nibble order":  # rows of a word read highest nibble first
+        real_unpack = gptq_module.unpack_int4
+        monkeypatch.setattr(gptq_module, "unpack_int4", lambda p, dim: real_unpack(p, dim) if dim else
+                            real_unpack(p, dim).view(-1, 8, p.shape[1]).flip(1).reshape(-1, p.shape[1]))
+    elif broken == "awq nibble order":
+        monkeypatch.setattr(awq_module, "NIBBLE_OF_COLUMN", tuple(range(8)))
+    else:
+        real_awq = awq_module.dequantize_awq
+        monkeypatch.setattr(awq_module, "dequantize_awq", lambda q, z, s, g: real_awq(q, z, s, g) - s.float()[
+            torch.arange(q.shape[0]) // g].t())  # zeros read one too high, as a GPTQ v1 offset would
+    fx = hub["qwen3_moe_awq" if broken.startswith("awq") else "mixtral_gptq"]
+    pattern = random_pattern(fx)
+    with torch.no_grad():
+        got = load_slim(fx.folder, pattern, dtype="float32")(IDS).logits
+    assert (got - oracle_logits(fx, pattern)).abs().max().item() > 1e-3
