@@ -283,6 +283,14 @@ class Checkpoint:
         if parts and any(self.codec.stored(self.reader, p.key) for p in parts):
             return "per_expert"
         also = f" or {parts[0].key}" if parts else ""
+        # quantized companions under a config that does not say so (e.g. `*_blocks` without
+        # quant_method mxfp4): name what is there rather than say the experts are missing
+        prefixes = (fused[0], *([parts[0].key] if parts else []))
+        stored = sorted(k for k in self.reader.keys() if k.startswith(prefixes))  # noqa: SIM118
+        if stored:
+            raise MoepruneError(f"checkpoint {self.folder} stores the experts of layer {layer} as {', '.join(stored[:3])}, "
+                                f"which its config.json's quantization_config does not describe (a quantized "
+                                f"checkpoint whose config lost its quantization_config?)")
         raise MoepruneError(f"checkpoint {self.folder} lacks the experts of layer {layer} ({fused[0]}{also})")
 
     def dtype(self, requested=None) -> torch.dtype:
