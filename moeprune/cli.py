@@ -103,7 +103,7 @@ def _cmd_export(args) -> int:
         pattern = Profile.load(args.profile).select(keep=parse_budget(args.keep, "--keep"), criterion=args.criterion,
                                                     strategy="uniform")
     out = export(args.model, pattern, args.output, force=args.force, max_shard_size=args.max_shard_size,
-                 progress=not args.quiet)
+                 progress=not args.quiet, mtp=args.mtp)
     k = next(iter(pattern.counts.values()))
     print(f"exported {k} of {pattern.num_experts} experts per layer ({len(pattern.kept)} MoE layers) -> {out}")
     return 0
@@ -307,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", default="easy_ep", help="with --profile: the selection criterion")
     p.add_argument("-o", "--output", required=True, help="checkpoint folder to write")
     p.add_argument("--max-shard-size", default="2GB")
+    p.add_argument("--mtp", choices=("drop", "prune"), default="drop",
+                   help="multi-token-prediction layers (DeepSeek-V3/R1): drop them, or keep the last MoE layer's "
+                        "experts in them")
     p.add_argument("--force", action="store_true", help="replace an existing non-empty output folder")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_export)

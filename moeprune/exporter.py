@@ -66,7 +66,7 @@ class _Out:
     load: Callable[[], torch.Tensor]
 
 
-def _plan(ckpt: Checkpoint, pattern: Pattern, routers: dict) -> list[_Out]:
+def _plan(ckpt: Checkpoint, pattern: Pattern, routers: dict, drop_extra: bool = True) -> list[_Out]:
     """Every output tensor, in checkpoint order, with how to read it."""
     reader, adapter = ckpt.reader, ckpt.adapter
     layers = set(pattern.kept)
@@ -88,7 +88,7 @@ def _plan(ckpt: Checkpoint, pattern: Pattern, routers: dict) -> list[_Out]:
             siblings.setdefault((split[0], split[2]), []).append(key)
     plan: list[_Out] = []
     for key in sorted(reader.keys()):
-        if extra and adapter.key_layer(key) in extra:
+        if drop_extra and extra and adapter.key_layer(key) in extra:
             continue
         # per-expert keys are matched whatever their suffix: quantization companions travel with
         # their weight, byte for byte, renumbered like it
@@ -238,7 +238,7 @@ def _shards(plan: list[_Out], max_bytes: int) -> list[list[_Out]]:
     return shards
 
 
-def _config_json(data: dict, adapter: MoEAdapter, config, pattern: Pattern, routers: dict) -> dict:
+def _config_json(data: dict, adapter: MoEAdapter, config, pattern: Pattern, routers: dict, mtp: str = "drop") -> dict:
     """The export's config.json from the source's (`data`, quantization lists already rewritten)."""
     data = dict(data)
     count = next(iter(pattern.counts.values()))
@@ -248,7 +248,7 @@ def _config_json(data: dict, adapter: MoEAdapter, config, pattern: Pattern, rout
             data[field] = count
     if count < adapter.top_k(config):
         data[adapter.top_k_field] = count
-    if adapter.extra_layers(config):
+    if adapter.extra_layers(config) and mtp == "drop":
         data["num_nextn_predict_layers"] = 0  # their layers are not exported (see _plan)
     # Provenance: the store retrieves with an export as with its source. The pruned model's own
     # fingerprint is recorded too, so an export whose routers were changed later is not taken for it.
@@ -263,7 +263,8 @@ def _config_json(data: dict, adapter: MoEAdapter, config, pattern: Pattern, rout
     return data
 
 
-def _model_card(src: str, pattern: Pattern, config, adapter: MoEAdapter, n_params: int, note: str = "") -> str:
+def _model_card(src: str, pattern: Pattern, config, adapter: MoEAdapter, n_params: int, note: str = "",
+                mtp: str = "drop") -> str:
     m = pattern.meta
     k = next(iter(pattern.counts.values()))
     n = adapter.num_experts(config)
@@ -297,7 +298,7 @@ moeprune ran the domain's demonstration prompts through the full model, scored e
 every MoE layer by `{m.get('criterion')}`, kept the top {k} per layer, and copied the kept experts
 (renumbered 0..{k - 1}) with their router rows; everything else (attention, embeddings, norms,
 shared experts) is unchanged. Tokens the model routes to a dropped expert now go to the best
-kept one, so quality outside the listed domains may drop.{_mtp_note(config, adapter)}{codec_note}
+kept one, so quality outside the listed domains may drop.{_mtp_note(config, adapter, mtp, max(pattern.kept))}{codec_note}
 
 ## Kept experts (original ids) per MoE layer
 | layer | kept experts |
@@ -308,10 +309,14 @@ kept one, so quality outside the listed domains may drop.{_mtp_note(config, adap
 """
 
 
-def _mtp_note(config, adapter: MoEAdapter) -> str:
+def _mtp_note(config, adapter: MoEAdapter, mtp: str = "drop", last: int | None = None) -> str:
     extra = adapter.extra_layers(config)
     if not extra:
         return ""
+    if mtp == "prune":
+        return (f"\n\nThe multi-token-prediction layer{'s' if len(extra) > 1 else ''} "
+                f"({', '.join(map(str, extra))}) keep the experts of the last MoE layer ({last}), renumbered the "
+                f"same way, so speculative decoding with them still works.")
     return (f"\n\nThe multi-token-prediction layer{'s' if len(extra) > 1 else ''} of the source "
             f"({', '.join(map(str, extra))}) {'are' if len(extra) > 1 else 'is'} not included "
             f"(`num_nextn_predict_layers: 0`): speculative decoding with it is not available from this checkpoint.")
@@ -324,13 +329,20 @@ def export(
     force: bool = False,
     max_shard_size: int | str = "2GB",
     progress: bool = False,
+    mtp: str = "drop",
 ) -> Path:
     """Write `pattern`'s pruned model as a standard checkpoint in `out_dir`; returns its path.
+
+    `mtp`: what happens to multi-token-prediction layers (DeepSeek-V3/R1), which no pattern covers:
+    "drop" them (the config says num_nextn_predict_layers 0), or "prune" them with the last MoE
+    layer's experts.
 
     An existing non-empty `out_dir` is replaced only with `force`, and never when it is, holds or lies
     inside the source checkpoint (checked before any work); a failed export leaves nothing behind.
     """
     pattern = as_pattern(pattern)
+    if mtp not in ("drop", "prune"):
+        raise MoepruneError(f"mtp must be 'drop' or 'prune', got {mtp!r}")
     src = Path(check_model_path(model_path))
     if not src.is_dir():
         raise MoepruneError(f"export needs a local checkpoint folder, got {model_path}")
@@ -347,10 +359,22 @@ def export(
         config, adapter = ckpt.config, ckpt.adapter
         routers = ckpt.read_routers()
         ckpt.check_pattern(pattern, ckpt.fingerprint(routers))
-        for layer, ids in pattern.kept.items():  # every kept expert complete, scale grids as the codec expects
+        extra = adapter.extra_layers(config)
+        last = max(pattern.kept)
+        planned = pattern
+        if mtp == "prune" and extra:  # the MTP layers take the last MoE layer's experts and router rows
+            planned = Pattern({**pattern.kept, **{e: list(pattern.kept[last]) for e in extra}}, dict(pattern.meta))
+            for e in extra:
+                for mem, ck in zip(adapter.router_keys(e), adapter.ckpt_router_keys(e), strict=True):
+                    t = ckpt.reader.get(ck)
+                    if not t.is_floating_point():
+                        raise MoepruneError(f"the router tensor {ck} is stored as {t.dtype}: a quantized router "
+                                            f"cannot be sliced")
+                    routers[mem] = t
+        for layer, ids in planned.kept.items():  # every kept expert complete, scale grids as the codec expects
             ckpt.check_experts(layer, ids)
         # before any writing: a list the export cannot rewrite refuses the export
-        new_id = {layer: {old: new for new, old in enumerate(ids)} for layer, ids in pattern.kept.items()}
+        new_id = {layer: {old: new for new, old in enumerate(ids)} for layer, ids in planned.kept.items()}
         data = json.loads((src / "config.json").read_text())
         for holder, where in ((data, "config.json quantization_config"),
                               (data.get("text_config"), "config.json text_config.quantization_config")):
@@ -362,7 +386,7 @@ def export(
             source = json.loads((src / "hf_quant_config.json").read_text())
             rewritten = _rewrite_quantization(source, adapter, new_id, "hf_quant_config.json")
             hf_quant = rewritten if rewritten != source else None
-        plan = _plan(ckpt, pattern, routers)
+        plan = _plan(ckpt, planned, routers, drop_extra=mtp == "drop")
         shards = _shards(plan, max_bytes)
         with atomic_dir(out, overwrite=force, protect=(src,)) as tmp:
             names = (["model.safetensors"] if len(shards) == 1 else
@@ -385,7 +409,7 @@ def export(
             if len(shards) > 1:
                 index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-            (tmp / "config.json").write_text(json.dumps(_config_json(data, adapter, config, pattern, routers), indent=2) + "\n")
+            (tmp / "config.json").write_text(json.dumps(_config_json(data, adapter, config, pattern, routers, mtp), indent=2) + "\n")
             written = {"config.json", "README.md", "pattern.json"}
             if hf_quant is not None:
                 (tmp / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2) + "\n")
@@ -396,6 +420,6 @@ def export(
             _faults.point("export: config and tokenizer written")
             pattern.save(tmp / "pattern.json")
             (tmp / "README.md").write_text(_model_card(str(model_path), pattern, config, adapter, n_params,
-                                                               ckpt.codec.export_note()))
+                                                               ckpt.codec.export_note(), mtp))
             _faults.point("export: model card written")
     return out

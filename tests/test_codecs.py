@@ -22,7 +22,7 @@ from hub_fixtures import (
 from tiny import char_tokenizer
 
 import moeprune
-from moeprune import Pattern, export, load_slim
+from moeprune import MoepruneError, Pattern, export, load_slim
 from moeprune.codecs import codec_for
 from moeprune.codecs import fp8_block as fp8_module
 from moeprune.codecs.fp8_block import dequantize_fp8_block
@@ -324,3 +324,32 @@ def test_the_oracle_catches_a_broken_codec(hub, monkeypatch, broken):
     with torch.no_grad():
         got = load_slim(fx.folder, pattern, dtype="float32")(IDS).logits
     assert (got - oracle_logits(fx, pattern)).abs().max().item() > 1e-2
+
+
+def test_export_prunes_the_mtp_layer_with_the_last_layers_experts(hub, tmp_path):
+    """--mtp prune: the multi-token-prediction layer keeps the last MoE layer's experts and router rows."""
+    fx = hub["deepseek_v3"]
+    pattern = random_pattern(fx)
+    mtp, last = fx.config["num_hidden_layers"], max(pattern.kept)
+    out = export(fx.folder, pattern, tmp_path / "pruned", mtp="prune")
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == fx.config["num_nextn_predict_layers"]
+    assert "keep the experts of the last MoE layer" in (out / "README.md").read_text()
+    ids = pattern.kept[last]
+    with CheckpointReader(fx.folder) as src, CheckpointReader(out) as dst:
+        for new, old in enumerate(ids):
+            for suffix in ("gate_proj.weight", "gate_proj.weight_scale_inv", "down_proj.weight"):
+                a = src.get(f"model.layers.{mtp}.mlp.experts.{old}.{suffix}")
+                b = dst.get(f"model.layers.{mtp}.mlp.experts.{new}.{suffix}")
+                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        assert f"model.layers.{mtp}.mlp.experts.{len(ids)}.up_proj.weight" not in dst
+        index = torch.as_tensor(ids)
+        assert torch.equal(dst.get(f"model.layers.{mtp}.mlp.gate.weight"),
+                           src.get(f"model.layers.{mtp}.mlp.gate.weight").index_select(0, index))
+        bias = f"model.layers.{mtp}.mlp.gate.e_score_correction_bias"
+        assert torch.equal(dst.get(bias), src.get(bias).index_select(0, index))
+    full = Pattern({layer: list(range(len(ids))) for layer in pattern.kept}, {"num_experts": len(ids)})
+    with torch.no_grad():  # the MTP layer is not part of the model's forward: the logits are unchanged
+        assert_close(load_slim(out, full, dtype="float32", verify=False)(IDS).logits, oracle_logits(fx, pattern))
+    with pytest.raises(MoepruneError, match="mtp must be"):
+        export(fx.folder, pattern, tmp_path / "other", mtp="keep")
