@@ -226,6 +226,24 @@ def deepseek_v3_fp8(folder: Path, seed: int = 0) -> Fixture:
     return w.save(shards=2)
 
 
+def qwen3_moe_hub_config(quantization_config: dict, H: int, I_MOE: int, E: int, layers: int, head_dim: int,
+                         heads: int, kv_heads: int, V: int, torch_dtype: str = "bfloat16",
+                         transformers_version: str = "4.51.0") -> dict:
+    """A Qwen3-MoE config.json as the hub spells it (`num_experts`), with `quantization_config`."""
+    return {
+        "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
+        "bos_token_id": 1, "decoder_sparse_step": 1, "eos_token_id": 2, "head_dim": head_dim,
+        "hidden_act": "silu", "hidden_size": H, "initializer_range": 0.02, "intermediate_size": 3 * H,
+        "max_position_embeddings": 256, "max_window_layers": layers, "mlp_only_layers": [],
+        "model_type": "qwen3_moe", "moe_intermediate_size": I_MOE, "norm_topk_prob": True,
+        "num_attention_heads": heads, "num_experts": E, "num_experts_per_tok": 2, "num_hidden_layers": layers,
+        "num_key_value_heads": kv_heads, "output_router_logits": False, "quantization_config": quantization_config,
+        "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
+        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": torch_dtype,
+        "transformers_version": transformers_version, "use_cache": True, "use_sliding_window": False, "vocab_size": V,
+    }
+
+
 def qwen3_moe_fp8(folder: Path, seed: int = 0, scale_dtype: torch.dtype = torch.float32,
                   moe_intermediate_size: int = 256) -> Fixture:
     """F2: Qwen3-30B-A3B-FP8 layout (per-expert FP8 + weight_scale_inv, BF16 router and norms).
@@ -236,43 +254,8 @@ def qwen3_moe_fp8(folder: Path, seed: int = 0, scale_dtype: torch.dtype = torch.
     for i in range(LAYERS):
         keep += [f"model.layers.{i}.input_layernorm", f"model.layers.{i}.mlp.gate",
                  f"model.layers.{i}.post_attention_layernorm"]
-    config = {
-        "architectures": ["Qwen3MoeForCausalLM"],
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": 1,
-        "decoder_sparse_step": 1,
-        "eos_token_id": 2,
-        "head_dim": head_dim,
-        "hidden_act": "silu",
-        "hidden_size": H,
-        "initializer_range": 0.02,
-        "intermediate_size": 768,
-        "max_position_embeddings": 256,
-        "max_window_layers": LAYERS,
-        "mlp_only_layers": [],
-        "model_type": "qwen3_moe",
-        "moe_intermediate_size": I_MOE,
-        "norm_topk_prob": True,
-        "num_attention_heads": heads,
-        "num_experts": E,
-        "num_experts_per_tok": 2,
-        "num_hidden_layers": LAYERS,
-        "num_key_value_heads": kv_heads,
-        "output_router_logits": False,
-        "quantization_config": {**FP8_CONFIG, "modules_to_not_convert": keep},
-        "rms_norm_eps": 1e-06,
-        "rope_scaling": None,
-        "rope_theta": 1000000.0,
-        "router_aux_loss_coef": 0.001,
-        "sliding_window": None,
-        "tie_word_embeddings": False,
-        "torch_dtype": "bfloat16",
-        "transformers_version": "4.51.0",
-        "use_cache": True,
-        "use_sliding_window": False,
-        "vocab_size": V,
-    }
+    config = qwen3_moe_hub_config({**FP8_CONFIG, "modules_to_not_convert": keep}, H, I_MOE, E, LAYERS, head_dim,
+                                  heads, kv_heads, V)
     w = _Writer(seed, scale_dtype)
     w.fx = Fixture(Path(folder), config)
     w.plain("model.embed_tokens.weight", (V, H), 0.5)
@@ -600,43 +583,8 @@ def qwen3_moe_awq(folder: Path, seed: int = 0, quantization_config: dict | None 
     embeddings, `num_experts` spelling."""
     H, I_MOE, V, E, LAYERS, heads, kv_heads, head_dim = 64, 64, 128, 8, 2, 4, 2, 16
     qc = dict(AWQ_CONFIG if quantization_config is None else quantization_config)
-    config = {
-        "architectures": ["Qwen3MoeForCausalLM"],
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": 1,
-        "decoder_sparse_step": 1,
-        "eos_token_id": 2,
-        "head_dim": head_dim,
-        "hidden_act": "silu",
-        "hidden_size": H,
-        "initializer_range": 0.02,
-        "intermediate_size": 192,
-        "max_position_embeddings": 256,
-        "max_window_layers": LAYERS,
-        "mlp_only_layers": [],
-        "model_type": "qwen3_moe",
-        "moe_intermediate_size": I_MOE,
-        "norm_topk_prob": True,
-        "num_attention_heads": heads,
-        "num_experts": E,
-        "num_experts_per_tok": 2,
-        "num_hidden_layers": LAYERS,
-        "num_key_value_heads": kv_heads,
-        "output_router_logits": False,
-        "quantization_config": qc,
-        "rms_norm_eps": 1e-06,
-        "rope_scaling": None,
-        "rope_theta": 1000000.0,
-        "router_aux_loss_coef": 0.001,
-        "sliding_window": None,
-        "tie_word_embeddings": False,
-        "torch_dtype": "float16",
-        "transformers_version": "4.51.3",
-        "use_cache": True,
-        "use_sliding_window": False,
-        "vocab_size": V,
-    }
+    config = qwen3_moe_hub_config(qc, H, I_MOE, E, LAYERS, head_dim, heads, kv_heads, V, torch_dtype="float16",
+                                  transformers_version="4.51.3")
     w = _Writer(seed, torch.float16)
     w.fx = Fixture(Path(folder), config)
     group = qc.get("group_size", 32)
@@ -662,23 +610,6 @@ def qwen3_moe_awq(folder: Path, seed: int = 0, quantization_config: dict | None 
 
 
 # ---------------------------------------------------------------------------------------- compressed-tensors (F4, F5, F7)
-def _ct_qwen3_config(quantization_config: dict, H: int, I_MOE: int, E: int, layers: int, head_dim: int,
-                     heads: int, kv_heads: int, V: int) -> dict:
-    """A Qwen3-MoE config.json as the hub spells it (`num_experts`), with `quantization_config`."""
-    return {
-        "architectures": ["Qwen3MoeForCausalLM"], "attention_bias": False, "attention_dropout": 0.0,
-        "bos_token_id": 1, "decoder_sparse_step": 1, "eos_token_id": 2, "head_dim": head_dim,
-        "hidden_act": "silu", "hidden_size": H, "initializer_range": 0.02, "intermediate_size": 3 * H,
-        "max_position_embeddings": 256, "max_window_layers": layers, "mlp_only_layers": [],
-        "model_type": "qwen3_moe", "moe_intermediate_size": I_MOE, "norm_topk_prob": True,
-        "num_attention_heads": heads, "num_experts": E, "num_experts_per_tok": 2, "num_hidden_layers": layers,
-        "num_key_value_heads": kv_heads, "output_router_logits": False, "quantization_config": quantization_config,
-        "rms_norm_eps": 1e-06, "rope_scaling": None, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.001,
-        "sliding_window": None, "tie_word_embeddings": False, "torch_dtype": "bfloat16",
-        "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False, "vocab_size": V,
-    }
-
-
 def ct_config(fmt: str, weights: dict, input_activations: dict | None = None,
               ignore: list[str] | None = None) -> dict:
     """A compressed-tensors quantization_config as llm-compressor writes it (one config group)."""
@@ -714,7 +645,7 @@ def qwen3_moe_ct_int(folder: Path, seed: int = 0, symmetric: bool = True, actord
                "strategy": "group", "symmetric": symmetric, "type": "int"}
     qc = ct_config("pack-quantized", weights, ignore=["lm_head", "re:.*mlp.gate$", *plain])
     w = _Writer(seed, torch.bfloat16)
-    w.fx = Fixture(Path(folder), _ct_qwen3_config(qc, H, I_MOE, E, LAYERS, head_dim, heads, kv_heads, V))
+    w.fx = Fixture(Path(folder), qwen3_moe_hub_config(qc, H, I_MOE, E, LAYERS, head_dim, heads, kv_heads, V))
     half, per_word = 1 << (bits - 1), 32 // bits
 
     def linear(name: str, rows: int, cols: int) -> None:
@@ -788,7 +719,7 @@ def qwen3_moe_ct_fp8(folder: Path, seed: int = 0, static: bool = False) -> Fixtu
                "observer": None, "observer_kwargs": {}, "strategy": "token", "symmetric": True, "type": "float"})
     qc = ct_config("float-quantized", weights, inputs)
     w = _Writer(seed, torch.bfloat16)
-    w.fx = Fixture(Path(folder), _ct_qwen3_config(qc, H, I_MOE, E, LAYERS, head_dim, heads, kv_heads, V))
+    w.fx = Fixture(Path(folder), qwen3_moe_hub_config(qc, H, I_MOE, E, LAYERS, head_dim, heads, kv_heads, V))
     shared: dict[str, torch.Tensor] = {}
 
     def linear(name: str, rows: int, cols: int) -> None:
@@ -816,8 +747,19 @@ def assert_pool_matches_oracle(fx) -> None:
 
     a, b = random_pattern(fx, seed=0), random_pattern(fx, seed=1)
     with ExpertPool(fx.folder, fx.num_experts // 2 + 1, dtype="float32") as pool:
-        assert pool.fingerprint == model_fingerprint(fx.oracle())
+        assert pool.fingerprint == model_fingerprint(fx.oracle())  # the bf16 sibling's fingerprint
+        assert not hasattr(pool.model.config, "quantization_config")  # it holds decoded floats
         for pattern in (a, b, a):
             with pool.serve(pattern), torch.no_grad():
                 assert_close(pool.model(IDS).logits, oracle_logits(fx, pattern))
         assert pool.stats["evictions"] > 0
+
+
+def assert_profile_matches_oracle(fx, prompts: list[str]) -> None:
+    """profile(path) decodes through moeprune's codec and records what the oracle records, with the
+    fingerprint of the dequantized sibling."""
+    prof = moeprune.profile(fx.folder, prompts, dtype="float32")
+    ref = moeprune.profile(fx.oracle(), prompts, tokenizer=char_tokenizer())
+    assert prof.fingerprint == ref.fingerprint
+    for stat in ("frequency", "mass", "gate_norm"):
+        assert torch.allclose(prof.stats[stat], ref.stats[stat], rtol=1e-5, atol=1e-6), stat

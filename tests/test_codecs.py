@@ -10,6 +10,8 @@ from hub_fixtures import (
     FP8_CONFIG,
     IDS,
     assert_close,
+    assert_pool_matches_oracle,
+    assert_profile_matches_oracle,
     block_values,
     deepseek_v3_fp8,
     fuse_experts,
@@ -19,14 +21,12 @@ from hub_fixtures import (
     random_pattern,
     variant,
 )
-from tiny import char_tokenizer
 
 import moeprune
 from moeprune import MoepruneError, Pattern, export, load_slim
 from moeprune.codecs import codec_for
 from moeprune.codecs import fp8_block as fp8_module
 from moeprune.codecs.fp8_block import dequantize_fp8_block
-from moeprune.fingerprint import model_fingerprint
 from moeprune.hooks import keep_mask
 from moeprune.reader import CheckpointReader
 from moeprune.serve import ExpertPool
@@ -129,16 +129,7 @@ def test_fused_fp8_experts(hub, tmp_path):
 @pytest.mark.parametrize("name", ["deepseek_v3", "qwen3_moe_bf16_scales"])
 def test_pool_equals_oracle(hub, name):
     fx = hub[name]
-    a, b = random_pattern(fx, seed=0), random_pattern(fx, seed=1)
-    budget = fx.num_experts // 2 + 1  # one spare slot: switching patterns evicts
-    with ExpertPool(fx.folder, budget, dtype="float32") as pool:
-        assert pool.fingerprint == model_fingerprint(fx.oracle())  # the bf16 sibling's fingerprint
-        assert not hasattr(pool.model.config, "quantization_config")
-        for pattern in (a, b, a):
-            with pool.serve(pattern), torch.no_grad():
-                got = pool.model(IDS).logits
-            assert_close(got, oracle_logits(fx, pattern))
-        assert pool.stats["evictions"] > 0
+    assert_pool_matches_oracle(fx)
 
 
 # ---------------------------------------------------------------------------------------- profile
@@ -147,11 +138,7 @@ def test_profile_decodes_with_moeprune(hub, name):
     """profile(path) decodes through moeprune's codec: no dependence on transformers' FP8 loader
     (which cannot decode DeepSeek's 576-row kv_a_proj_with_mqa), same fingerprint as the bf16 sibling."""
     fx = hub[name]
-    prof = moeprune.profile(fx.folder, PROMPTS, dtype="float32")
-    ref = moeprune.profile(fx.oracle(), PROMPTS, tokenizer=char_tokenizer())
-    assert prof.fingerprint == ref.fingerprint
-    for stat in ("frequency", "mass", "gate_norm"):
-        assert torch.allclose(prof.stats[stat], ref.stats[stat], rtol=1e-5, atol=1e-6), stat
+    assert_profile_matches_oracle(fx, PROMPTS)
 
 
 # ---------------------------------------------------------------------------------------- export

@@ -11,6 +11,7 @@ from hub_fixtures import (
     IDS,
     assert_close,
     assert_pool_matches_oracle,
+    assert_profile_matches_oracle,
     ct_config,
     oracle_logits,
     pack_int32_columns,
@@ -20,7 +21,6 @@ from hub_fixtures import (
     random_pattern,
     variant,
 )
-from tiny import char_tokenizer
 
 import moeprune
 from moeprune import Pattern, export, load_slim
@@ -107,11 +107,7 @@ def test_pool_equals_oracle(hub):
 def test_profile_decodes_with_moeprune(hub, name):
     fx = hub[name]
     prompts = ["def f(x):\n    return x * 2", "And God said, Let there be light"]
-    prof = moeprune.profile(fx.folder, prompts, dtype="float32")
-    ref = moeprune.profile(fx.oracle(), prompts, tokenizer=char_tokenizer())
-    assert prof.fingerprint == ref.fingerprint
-    for stat in ("frequency", "mass", "gate_norm"):
-        assert torch.allclose(prof.stats[stat], ref.stats[stat], rtol=1e-5, atol=1e-6), stat
+    assert_profile_matches_oracle(fx, prompts)
 
 
 # ---------------------------------------------------------------------------------------- export

@@ -14,6 +14,7 @@ from hub_fixtures import (
     IDS,
     assert_close,
     assert_pool_matches_oracle,
+    assert_profile_matches_oracle,
     int4_values,
     mixtral_gptq,
     oracle_logits,
@@ -24,7 +25,6 @@ from hub_fixtures import (
     random_pattern,
     variant,
 )
-from tiny import char_tokenizer
 
 import moeprune
 from moeprune import Pattern, export, load_slim
@@ -133,11 +133,7 @@ def test_pool_equals_oracle(hub, name):
 @pytest.mark.parametrize("name", ["mixtral_gptq", "qwen3_moe_awq"])
 def test_profile_decodes_with_moeprune(hub, name):
     fx = hub[name]
-    prof = moeprune.profile(fx.folder, PROMPTS, dtype="float32")
-    ref = moeprune.profile(fx.oracle(), PROMPTS, tokenizer=char_tokenizer())
-    assert prof.fingerprint == ref.fingerprint
-    for stat in ("frequency", "mass", "gate_norm"):
-        assert torch.allclose(prof.stats[stat], ref.stats[stat], rtol=1e-5, atol=1e-6), stat
+    assert_profile_matches_oracle(fx, PROMPTS)
 
 
 # ---------------------------------------------------------------------------------------- export

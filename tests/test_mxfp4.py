@@ -10,22 +10,21 @@ from hub_fixtures import (
     IDS,
     MXFP4_CONFIG,
     assert_close,
+    assert_pool_matches_oracle,
+    assert_profile_matches_oracle,
     gpt_oss_mxfp4,
     oracle_logits,
     raises_one_line,
     random_pattern,
     variant,
 )
-from tiny import char_tokenizer
 
 import moeprune
 from moeprune import Pattern, export, load_slim
 from moeprune.codecs import codec_for
 from moeprune.codecs import mxfp4 as mxfp4_module
 from moeprune.codecs.mxfp4 import FP4_VALUES, dequantize_mxfp4
-from moeprune.fingerprint import model_fingerprint
 from moeprune.reader import CheckpointReader
-from moeprune.serve import ExpertPool
 
 PROJS = ("gate_up_proj", "down_proj")
 
@@ -116,15 +115,7 @@ def test_load_slim_bf16(fx):
 
 
 def test_pool_equals_oracle(fx):
-    a, b = random_pattern(fx, seed=0), random_pattern(fx, seed=1)
-    with ExpertPool(fx.folder, fx.num_experts // 2 + 1, dtype="float32") as pool:
-        assert pool.fingerprint == model_fingerprint(fx.oracle())
-        assert not hasattr(pool.model.config, "quantization_config")
-        for pattern in (a, b, a):
-            with pool.serve(pattern), torch.no_grad():
-                got = pool.model(IDS).logits
-            assert_close(got, oracle_logits(fx, pattern))
-        assert pool.stats["evictions"] > 0
+    assert_pool_matches_oracle(fx)
 
 
 # ---------------------------------------------------------------------------------------- profile
@@ -132,11 +123,7 @@ def test_profile_decodes_with_moeprune(fx):
     """profile(path) decodes the experts through moeprune's codec (never transformers' MXFP4 kernels,
     which bypass the router module), with the fingerprint of the dequantized sibling."""
     prompts = ["def f(x):\n    return x * 2", "And God said, Let there be light"]
-    prof = moeprune.profile(fx.folder, prompts, dtype="float32")
-    ref = moeprune.profile(fx.oracle(), prompts, tokenizer=char_tokenizer())
-    assert prof.fingerprint == ref.fingerprint
-    for stat in ("frequency", "mass", "gate_norm"):
-        assert torch.allclose(prof.stats[stat], ref.stats[stat], rtol=1e-5, atol=1e-6), stat
+    assert_profile_matches_oracle(fx, prompts)
 
 
 # ---------------------------------------------------------------------------------------- export
