@@ -55,13 +55,19 @@ class Codec:
     def check(self, reader: CheckpointReader, key: str, experts: int | None = None) -> None:
         """Refuse, from the header alone, a weight this codec cannot decode exactly. `experts`:
         the weight is fused over that many experts (on `expert_axis`), as is every companion."""
-        dtype = reader.dtype(key)
-        if dtype.is_floating_point and dtype not in PLAIN_FLOATS:
-            raise MoepruneError(f"tensor {key} of {reader.folder} is stored as {_dtype_name(dtype)} but config.json "
-                                f"declares no quantization (quantization_config) that says how to decode it; "
-                                f"moeprune will not cast quantized codes without their scales")
+        self._refuse_coded_float(reader, key, " but config.json declares no quantization (quantization_config) that "
+                                              "says how to decode it; moeprune will not cast quantized codes without "
+                                              "their scales")
         if experts is not None:
             self._check_experts(reader, [key, *self.companions(reader, key)], experts)
+
+    @staticmethod
+    def _refuse_coded_float(reader: CheckpointReader, key: str, hint: str) -> None:
+        """Refuse a tensor stored in a float dtype that holds codes (FP8, ...) where this scheme expects a
+        plain float; `hint` (appended to the message) says what the scheme stores instead."""
+        dtype = reader.dtype(key)
+        if dtype.is_floating_point and dtype not in PLAIN_FLOATS:
+            raise MoepruneError(f"tensor {key} of {reader.folder} is stored as {_dtype_name(dtype)}{hint}")
 
     def _check_experts(self, reader: CheckpointReader, keys: Sequence[str], experts: int) -> None:
         for k in keys:

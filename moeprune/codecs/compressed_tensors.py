@@ -117,15 +117,12 @@ class CompressedTensorsCodec(Codec):
     def check(self, reader: CheckpointReader, key: str, experts: int | None = None) -> None:
         where = reader.folder
         if not self.encoded(reader, key):
-            dtype = reader.dtype(key)
-            if dtype.is_floating_point and dtype not in PLAIN_FLOATS:
-                raise MoepruneError(f"tensor {key} of {where} is stored as {_dtype_name(dtype)}; {self.describe()} "
-                                    f"stores quantized weights as "
-                                    f"{'weight_packed int32' if self.format == PACKED else 'float8_e4m3fn'}")
+            self._refuse_coded_float(reader, key, f"; {self.describe()} stores quantized weights as "
+                                                  f"{'weight_packed int32' if self.format == PACKED else 'float8_e4m3fn'}")
             stray = [c for c in (_companion(key, n) for n in ("packed", "scale", "zero_point", "g_idx", "shape"))
                      if c in reader]
             if stray:
-                raise MoepruneError(f"{where} holds {stray[0]} next to {key} stored as {_dtype_name(dtype)}: "
+                raise MoepruneError(f"{where} holds {stray[0]} next to {key} stored as {_dtype_name(reader.dtype(key))}: "
                                     f"inconsistent compressed-tensors checkpoint")
             super().check(reader, key, experts)
             return

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from ..errors import MoepruneError
 from ..reader import CheckpointReader
-from .base import PLAIN_FLOATS, Codec, _dtype_name
+from .base import Codec, _dtype_name
 
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -67,9 +67,7 @@ class Fp8BlockCodec(Codec):
     def check(self, reader: CheckpointReader, key: str, experts: int | None = None) -> None:
         dtype, scale = reader.dtype(key), scale_key(key)
         if not self.encoded(reader, key):
-            if dtype.is_floating_point and dtype not in PLAIN_FLOATS:
-                raise MoepruneError(f"tensor {key} of {reader.folder} is stored as {_dtype_name(dtype)}; "
-                                    f"block FP8 checkpoints hold float8_e4m3fn weights (fmt e4m3) only")
+            self._refuse_coded_float(reader, key, "; block FP8 checkpoints hold float8_e4m3fn weights (fmt e4m3) only")
             if scale in reader:
                 raise MoepruneError(f"{scale} of {reader.folder} scales {key}, which is stored as "
                                     f"{_dtype_name(dtype)}, not FP8: inconsistent checkpoint")

@@ -26,7 +26,7 @@ import torch
 
 from ..errors import MoepruneError
 from ..reader import CheckpointReader
-from .base import PLAIN_FLOATS, Codec, _dtype_name
+from .base import Codec, _dtype_name
 
 BITS = 4
 PACK = 32 // BITS  # codes a 32-bit word
@@ -92,10 +92,8 @@ class PackedInt4Codec(Codec):
 
     def check(self, reader: CheckpointReader, key: str, experts: int | None = None) -> None:
         if not self.encoded(reader, key):
-            dtype = reader.dtype(key)
-            if dtype.is_floating_point and dtype not in PLAIN_FLOATS:
-                raise MoepruneError(f"tensor {key} of {reader.folder} is stored as {_dtype_name(dtype)}; {self.name} "
-                                    f"checkpoints hold 4-bit weights as int32 qweight/qzeros, other tensors as floats")
+            self._refuse_coded_float(reader, key, f"; {self.name} checkpoints hold 4-bit weights as int32 "
+                                                  f"qweight/qzeros, other tensors as floats")
             super().check(reader, key, experts)
             return
         if experts is not None:  # no GPTQ/AWQ release fuses experts; slicing packed rows would be a guess

@@ -22,7 +22,7 @@ import torch
 
 from ..errors import MoepruneError
 from ..reader import CheckpointReader
-from .base import PLAIN_FLOATS, Codec, _dtype_name
+from .base import Codec, _dtype_name
 
 # the 16 values of an FP4 e2m1 code (sign bit 3, two exponent bits, one mantissa bit)
 FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
@@ -75,11 +75,8 @@ class Mxfp4Codec(Codec):
 
     def check(self, reader: CheckpointReader, key: str, experts: int | None = None) -> None:
         if not self.encoded(reader, key):
-            dtype = reader.dtype(key)
-            if dtype.is_floating_point and dtype not in PLAIN_FLOATS:
-                raise MoepruneError(f"tensor {key} of {reader.folder} is stored as {_dtype_name(dtype)}; mxfp4 "
-                                    f"checkpoints hold FP4 weights as U8 _blocks/_scales pairs, other tensors as "
-                                    f"plain floats")
+            self._refuse_coded_float(reader, key, "; mxfp4 checkpoints hold FP4 weights as U8 _blocks/_scales pairs, "
+                                                  "other tensors as plain floats")
             if blocks_key(key) in reader:
                 raise MoepruneError(f"{reader.folder} holds both {key} and {blocks_key(key)}: inconsistent mxfp4 "
                                     f"checkpoint")
