@@ -10,11 +10,12 @@ unselectable through a forward hook on each router.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
 
 try:  # transformers' grouped kernel wrapper: lets the recording path cost no more than the stock one
     from transformers.integrations.moe import _grouped_linear
@@ -32,12 +33,43 @@ _ACTIVE: dict[int, tuple[Callable, Callable]] = {}
 ExpertsCallback = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
+def _dispatch(module: nn.Module) -> ExpertsInterface | None:
+    """The experts registry `module` dispatches through (transformers keeps one for bf16 experts and
+    one for native FP8 experts), or None for a module that is not a dispatching experts module."""
+    forward = type(module).forward
+    if not hasattr(forward, "__wrapped__"):  # not wrapped by `use_experts_implementation`
+        return None
+    found = inspect.getclosurevars(forward).nonlocals.get("experts_interface")
+    return found if isinstance(found, ExpertsInterface) else None
+
+
+def _interface(module: nn.Module) -> ExpertsInterface:
+    """`_dispatch`, or a clear error for an experts module that runs a kernel of its own, such as
+    native MXFP4 on a GPU, which never calls the router module: hooks would record and mask nothing."""
+    found = _dispatch(module)
+    if found is None:
+        raise MoepruneError(
+            f"experts module {type(module).__name__} runs its own kernel outside transformers' experts "
+            f"interface (native quantized kernels such as MXFP4 on a GPU bypass the router module), so "
+            f"moeprune could neither record nor mask it; load the model dequantized (moeprune.load_model "
+            f"or a checkpoint path does)")
+    return found
+
+
+def check_steerable(modules) -> None:
+    """Refuse, before any hook goes in, experts modules whose routing moeprune cannot see."""
+    for module in modules:
+        _interface(module)
+
+
 def _inner_forward(module: nn.Module, implementation: str | None) -> Callable:
     """The experts forward the model used before moeprune stepped in."""
-    if implementation and implementation != "eager" and implementation in ALL_EXPERTS_FUNCTIONS:
-        return ALL_EXPERTS_FUNCTIONS[implementation]
-    # The class forward is wrapped by `use_experts_implementation`; `__wrapped__` is the eager loop.
-    return type(module).forward.__wrapped__
+    interface = _interface(module)
+    if implementation and implementation not in ("eager", RECORD_IMPL) and implementation in interface:
+        return interface[implementation]
+    # The class forward is wrapped by `use_experts_implementation` (transformers' FP8 loader may wrap
+    # it again); the innermost function is the eager loop.
+    return inspect.unwrap(type(module).forward)
 
 
 def _grouped_per_pick(self, hidden_states, top_k_index):
@@ -61,10 +93,10 @@ def _grouped_per_pick(self, hidden_states, top_k_index):
 
 
 def _recording_experts_forward(self, hidden_states, top_k_index, top_k_weights):
-    entry = _ACTIVE.get(id(self))
-    if entry is None:  # an experts module nobody asked to watch: behave like the default
-        return ALL_EXPERTS_FUNCTIONS["grouped_mm"](self, hidden_states, top_k_index, top_k_weights)
-    inner, callback = entry
+    inner, callback = _ACTIVE.get(id(self), (None, None))
+    if callback is None:  # an experts module nobody asked to watch: its own forward, unrecorded
+        inner = inner or inspect.unwrap(type(self).forward)
+        return inner(self, hidden_states, top_k_index, top_k_weights)
     n_tokens, k = top_k_index.shape
     if inner is _GROUPED and _grouped_linear is not None and not getattr(self, "_is_expert_parallel", False):
         per_pick = _grouped_per_pick(self, hidden_states, top_k_index)
@@ -80,6 +112,12 @@ def _recording_experts_forward(self, hidden_states, top_k_index, top_k_weights):
 
 _GROUPED = ALL_EXPERTS_FUNCTIONS.get("grouped_mm")
 ALL_EXPERTS_FUNCTIONS.register(RECORD_IMPL, _recording_experts_forward)
+try:  # native FP8 experts dispatch through their own registry; a model switches every experts module at once
+    from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS
+except ImportError:  # pragma: no cover - a transformers without native FP8 experts
+    ALL_FP8_EXPERTS_FUNCTIONS = None
+else:
+    ALL_FP8_EXPERTS_FUNCTIONS.register(RECORD_IMPL, _recording_experts_forward)
 
 
 @contextlib.contextmanager
@@ -88,14 +126,17 @@ def record_experts(model: nn.Module, callbacks: dict[nn.Module, ExpertsCallback]
     (indices [T,K], weights [T,K], unweighted outputs [T,K,H], routed sum [T,H]) on every forward.
     The model's previous experts implementation is restored afterwards, also on error."""
     previous = model.config._experts_implementation
-    for module, callback in callbacks.items():
-        _ACTIVE[id(module)] = (_inner_forward(module, previous), callback)
+    check_steerable(callbacks)
+    # every experts module switches implementation with the model, watched or not (an MTP layer, ...)
+    others = [m for m in model.modules() if m not in callbacks and _dispatch(m) is not None]
+    entries = {id(m): (_inner_forward(m, previous), callbacks.get(m)) for m in [*callbacks, *others]}
+    _ACTIVE.update(entries)
     try:
         model.set_experts_implementation(RECORD_IMPL)
         yield
     finally:
-        for module in callbacks:
-            _ACTIVE.pop(id(module), None)
+        for key in entries:
+            _ACTIVE.pop(key, None)
         model.set_experts_implementation(previous)
 
 
@@ -115,6 +156,7 @@ def keep_mask_hooks(model: nn.Module, adapter: MoEAdapter, keep: dict[int, torch
     Returns the hook handles (remove them to restore the full router).
     """
     blocks = adapter.blocks(model)
+    check_steerable(adapter.experts(block) for layer, block in blocks if layer in keep)
     n = adapter.num_experts(model.config)
     for layer, mask in keep.items():  # check everything before the first hook goes in
         if not isinstance(mask, torch.Tensor) or mask.shape != (n,):
