@@ -2,8 +2,13 @@
 
 For every supported family (tiny random models from tests/tiny.py) in float32 and bfloat16 on CUDA:
 profiling leaves the logits unchanged, the keep-mask equals the slim model loaded with
-`load_slim(..., device="cuda")`, and greedy generation agrees. Prints one line per case; the log goes
-to benchmarks/results/ (`--no-record` to skip it). Without CUDA it refuses in one line (exit 2).
+`load_slim(..., device="cuda")`, and greedy generation agrees. Then the hub-faithful quantized fixtures
+of tests/hub_fixtures.py (DeepSeek-V3 FP8 + MTP, Qwen3 FP8, GPT-OSS MXFP4): `load_slim` on CUDA equals
+the dequantized oracle; transformers' native FP8 experts (its GPU kernels) are profiled and agree with
+the oracle's profile up to FP8 activation rounding; a native MXFP4 model is either profiled after
+transformers dequantized it or refused in one line, never recorded as nothing; and, where vLLM is
+installed, vLLM loads the FP8 and MXFP4 exports. Prints one line per case; the log goes to
+benchmarks/results/ (`--no-record` to skip it). Without CUDA it refuses in one line (exit 2).
 
     python benchmarks/gpu_check.py [--results DIR] [--no-record]
 """
@@ -79,6 +84,7 @@ def run() -> int:
                       f"  greedy equal {torch.equal(g_full, g_slim)}  plain {plain.abs().mean().item():.3f}"
                       f"  {'OK' if ok else 'FAIL'}", flush=True)
     failures += pool_check(tok)
+    failures += quantized_check(tok)
     print("ALL OK" if not failures else f"{failures} FAILED")
     return int(failures > 0)
 
@@ -106,6 +112,100 @@ def pool_check(tok) -> int:
                     failures += not ok
                     print(f"pool {model_type:<12} cuda  |diff| vs load_slim {d:.2e}  read {lease.bytes_read} B  "
                           f"{'OK' if ok else 'FAIL'}", flush=True)
+    return failures
+
+
+def quantized_check(tok) -> int:
+    """The quantized hub fixtures on CUDA (each check prints one line; returns the failures)."""
+    import hub_fixtures as hf
+    from transformers import AutoModelForCausalLM
+
+    from moeprune import MoepruneError
+
+    failures = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        fixtures = {"deepseek_v3 fp8": hf.deepseek_v3_fp8(Path(tmp) / "ds"),
+                    "qwen3_moe fp8": hf.qwen3_moe_fp8(Path(tmp) / "qw"),
+                    "gpt_oss mxfp4": hf.gpt_oss_mxfp4(Path(tmp) / "go")}
+        for name, fx in fixtures.items():  # moeprune's codec on the GPU equals the CPU oracle
+            pattern = hf.random_pattern(fx)
+            slim = moeprune.load_slim(fx.folder, pattern, dtype="float32", device="cuda")
+            with torch.no_grad():
+                d = (slim(hf.IDS.to("cuda")).logits.float().cpu() - hf.oracle_logits(fx, pattern)).abs().max().item()
+            ok = d <= 1e-4
+            failures += not ok
+            print(f"quantized {name:<16} load_slim cuda vs oracle |diff| {d:.2e}  {'OK' if ok else 'FAIL'}", flush=True)
+        failures += _native_fp8_profile(fixtures["qwen3_moe fp8"], tok, AutoModelForCausalLM)
+        failures += _native_mxfp4_profile(fixtures["gpt_oss mxfp4"], tok, AutoModelForCausalLM, MoepruneError)
+        failures += _vllm_quantized(fixtures, Path(tmp))
+    return failures
+
+
+def _native_fp8_profile(fx, tok, auto) -> int:
+    """transformers' own FP8 experts (GPU kernels) under moeprune's recording implementation."""
+    try:
+        native = auto.from_pretrained(fx.folder, device_map="cuda").eval()
+    except Exception as e:  # transformers itself cannot load it here: say so, it is not moeprune's path
+        print(f"quantized native fp8: transformers cannot load the fixture ({str(e).splitlines()[0]}); skipped")
+        return 0
+    kinds = sorted({type(m).__name__ for m in native.modules() if "FP8" in type(m).__name__})
+    got = moeprune.profile(native, PROMPTS, tokenizer=tok)
+    ref = moeprune.profile(fx.oracle(), PROMPTS, tokenizer=tok)
+    # FP8 activations are rounded per token, so picks near a tie may differ: compare the mass ranking
+    cos = torch.nn.functional.cosine_similarity(got.stats["mass"].flatten().float(),
+                                                ref.stats["mass"].flatten().float(), dim=0).item()
+    same = torch.equal(got.stats["frequency"].sum(-1), ref.stats["frequency"].sum(-1))
+    ok = bool(kinds) and cos >= 0.95 and same
+    print(f"quantized native fp8 profile ({', '.join(kinds) or 'no FP8 modules'}): mass cosine vs oracle {cos:.4f}, "
+          f"picks per layer equal {same}  {'OK' if ok else 'FAIL'}", flush=True)
+    return int(not ok)
+
+
+def _native_mxfp4_profile(fx, tok, auto, error) -> int:
+    """A GPT-OSS MXFP4 model as transformers loads it on a GPU: profiled (dequantized) or refused."""
+    try:
+        native = auto.from_pretrained(fx.folder, device_map="cuda").eval()
+    except Exception as e:
+        print(f"quantized native mxfp4: transformers cannot load the fixture ({str(e).splitlines()[0]}); skipped")
+        return 0
+    experts = sorted({type(m).__name__ for m in native.modules() if type(m).__name__.endswith("Experts")})
+    try:
+        prof = moeprune.profile(native, PROMPTS, tokenizer=tok)
+    except error as e:
+        ok = "\n" not in str(e) and any("Mxfp4" in k for k in experts)
+        print(f"quantized native mxfp4 ({', '.join(experts)}): refused: {e}  {'OK' if ok else 'FAIL'}", flush=True)
+        return int(not ok)
+    recorded = prof.stats["frequency"].sum().item()
+    ok = recorded > 0 and not any("Mxfp4" in k for k in experts)
+    print(f"quantized native mxfp4 ({', '.join(experts)}): profiled, {recorded:.0f} picks recorded  "
+          f"{'OK' if ok else 'FAIL'}", flush=True)
+    return int(not ok)
+
+
+def _vllm_quantized(fixtures: dict, tmp: Path) -> int:
+    """vLLM (GPU kernels) loads the FP8 and MXFP4 exports and generates; skipped where vLLM is absent."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        print("quantized vllm: vLLM is not installed here; skipped")
+        return 0
+    import hub_fixtures as hf
+    from vllm import LLM, SamplingParams
+
+    failures = 0
+    for name, fx in fixtures.items():
+        out = tmp / f"{fx.folder.name}-export"
+        moeprune.export(fx.folder, hf.random_pattern(fx), out)
+        char_tokenizer().save_pretrained(out)
+        try:
+            llm = LLM(str(out), enforce_eager=True, gpu_memory_utilization=0.2, max_model_len=128)
+            text = llm.generate(["the quick brown fox"], SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].text
+            ok, said = True, f"generated {text!r}"
+            del llm
+        except Exception as e:
+            ok, said = False, str(e).splitlines()[0] if str(e) else type(e).__name__
+        failures += not ok
+        print(f"quantized vllm {name:<16} export loads: {said}  {'OK' if ok else 'FAIL'}", flush=True)
     return failures
 
 
