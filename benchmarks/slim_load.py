@@ -3,7 +3,10 @@
 Checkpoint: a Mixtral-layout model with random bf16 weights, sharded at 500MB, hub per-expert keys
 (what `save_pretrained` writes). Default: hidden 1024, intermediate 3584, 12 layers, 8 experts, top-2,
 vocab 32000, 16 heads / 4 kv heads (about 2.3 GB on disk). `--quick`: about 250 MB. It is generated
-once into `--dir` (skipped when the folder already has a config.json).
+once into `--dir` (skipped when the folder already has a config.json). A block-FP8 copy of it (the
+DeepSeek-V3 / Qwen3-FP8 layout: every attention and expert Linear stored as float8_e4m3fn `X.weight` with a
+float32 `X.weight_scale_inv` per 128x128 block, scale = block amax / 448; router, norms, embeddings and
+lm_head stay bf16; `quantization_config` quant_method fp8) is written next to it, into `<dir>-fp8`.
 
 Cases, each in a fresh subprocess, after the parent has fsynced and dropped every checkpoint file from
 the page cache (`posix_fadvise(POSIX_FADV_DONTNEED)`, checked with `mincore`):
@@ -12,15 +15,18 @@ the page cache (`posix_fadvise(POSIX_FADV_DONTNEED)`, checked with `mincore`):
   - slim-25:   `moeprune.load_slim` keeping 2 of 8 experts per layer
   - export-50: `moeprune.export` of the 50% pattern into a temporary folder, with max_shard_size set to
                the source's (500MB; `--export-shard-size`) so that streaming shard by shard is visible
+  - slim-50-fp8: `moeprune.load_slim` of the FP8 copy keeping the same 4 of 8 experts, dequantized into
+               bf16 (its kept tensors are the FP8 bytes, scale grids included; its size is the bf16 model's)
 
-Per case the child reports: bytes read from disk (`read_bytes` of /proc/self/io around the call), peak
-RSS (`ru_maxrss`, so it includes the torch/transformers/moeprune imports; the RSS right before the call
-is shown too; the parent never imports torch, since a child inherits its parent's RSS high-water mark
-through exec), wall time of the call, and the loaded model's parameter bytes. The parent also records, via
-`mincore`, how much of the checkpoint sat in the page cache before and after each child. Before the
-runs the checkpoint is read once, so a VM host's own disk cache (which the guest cannot drop) is
-equally warm for every run; `--no-warmup` skips that. Each pattern's kept tensor bytes come from the
-safetensors headers. Cases run round-robin `--repeats` times; the table shows medians.
+Every checkpoint file, bf16 and FP8, is dropped before every child. Per case the child reports: bytes
+read from disk (`read_bytes` of /proc/self/io around the call), peak RSS (`ru_maxrss`, so it includes
+the torch/transformers/moeprune imports; the RSS right before the call is shown too; the parent never
+imports torch, since a child inherits its parent's RSS high-water mark through exec), wall time of the
+call, and the loaded model's parameter bytes. The parent also records, via `mincore`, how much of the
+checkpoint sat in the page cache before and after each child. Before the runs the checkpoint is read
+once, so a VM host's own disk cache (which the guest cannot drop) is equally warm for every run;
+`--no-warmup` skips that. Each pattern's kept tensor bytes come from the safetensors headers. Cases run
+round-robin `--repeats` times; the table shows medians.
 
 The parent's output is logged to benchmarks/results/ (`--no-record` for a smoke run); children never record.
 
@@ -60,13 +66,18 @@ QUICK_CONFIG = dict(hidden_size=512, intermediate_size=1792, num_hidden_layers=4
                     num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
                     shard="50MB")
 
-# (case name, kind, experts kept per layer or None)
-CASES: list[tuple[str, str, int | None]] = [
-    ("full", "full", None),
-    ("slim-50", "slim", 4),
-    ("slim-25", "slim", 2),
-    ("export-50", "export", 4),
+# (case name, kind, experts kept per layer or None, checkpoint: "bf16" or "fp8")
+CASES: list[tuple[str, str, int | None, str]] = [
+    ("full", "full", None, "bf16"),
+    ("slim-50", "slim", 4, "bf16"),
+    ("slim-25", "slim", 2, "bf16"),
+    ("export-50", "export", 4, "bf16"),
+    ("slim-50-fp8", "slim", 4, "fp8"),
 ]
+FP8_BLOCK = 128
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+# the Linears an FP8 release quantizes: attention projections and every expert's w1/w3/w2
+FP8_KEY = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|block_sparse_moe\.experts\.\d+\.w[123])\.weight$")
 TARGET_READ = 1.02
 TARGET_RSS = 1.25
 TARGET_WALL_SLACK = 0.10
@@ -95,6 +106,69 @@ def generate(folder: Path, spec: dict) -> None:
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     print(f"generated {folder} in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+
+
+def fp8_folder(folder: Path) -> Path:
+    """Where the block-FP8 copy of checkpoint `folder` lives."""
+    return folder.with_name(folder.name + "-fp8")
+
+
+def case_folder(folder: Path, fmt: str) -> Path:
+    return fp8_folder(folder) if fmt == "fp8" else folder
+
+
+def quantize_fp8_block(w, block: int = FP8_BLOCK):
+    """(float8_e4m3fn codes, float32 scale_inv [ceil(R/b), ceil(C/b)]) of a 2-D weight: per block, scale =
+    amax / 448 and codes = w / scale (edge blocks partial)."""
+    import torch
+    import torch.nn.functional as F
+
+    rows, cols = w.shape
+    gr, gc = -(-rows // block), -(-cols // block)
+    x = F.pad(w.float(), (0, gc * block - cols, 0, gr * block - rows)).view(gr, block, gc, block)
+    scale = (x.abs().amax(dim=(1, 3)) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
+    codes = (x / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return codes.view(gr * block, gc * block)[:rows, :cols].contiguous(), scale.contiguous()
+
+
+def generate_fp8(src: Path, folder: Path) -> None:
+    """Write the block-FP8 copy of bf16 checkpoint `src` to `folder`, shard for shard (atomically)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    t0 = time.perf_counter()
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    weight_map: dict[str, str] = {}
+    total = 0
+    for shard in weight_files(src):
+        out = {}
+        with safe_open(shard, framework="pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open has no __iter__
+                t = f.get_tensor(key)
+                if FP8_KEY.match(key):
+                    out[key], out[key + "_scale_inv"] = quantize_fp8_block(t)
+                else:
+                    out[key] = t
+        save_file(out, tmp / shard.name, metadata={"format": "pt"})
+        for key, t in out.items():
+            weight_map[key] = shard.name
+            total += t.numel() * t.element_size()
+    if not any(k.endswith("_scale_inv") for k in weight_map):
+        raise RuntimeError(f"no weight of {src} matched {FP8_KEY.pattern}: nothing was quantized")
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+                                     "activation_scheme": "dynamic"}
+    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for extra in ("generation_config.json",):
+        if (src / extra).is_file():
+            shutil.copy2(src / extra, tmp / extra)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    print(f"generated {folder} (block FP8) in {time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
 
 
 def weight_files(folder: Path) -> list[Path]:
@@ -161,8 +235,9 @@ def resident_bytes(files: list[Path]) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------------------- sizes
-def kept_bytes(folder: Path, k: int | None) -> int:
-    """Bytes of the tensors a k-of-E pattern keeps: non-expert tensors, kept experts, kept router rows."""
+def kept_bytes(folder: Path, k: int | None, only: str | None = None) -> int:
+    """Bytes of the tensors a k-of-E pattern keeps: non-expert tensors, kept experts, kept router rows
+    (FP8 scale grids included); `only`: just the keys ending so."""
     from transformers import AutoConfig
 
     from moeprune import get_adapter
@@ -177,6 +252,8 @@ def kept_bytes(folder: Path, k: int | None) -> int:
     total = 0
     with CheckpointReader(folder) as reader:
         for key in reader.keys():  # noqa: SIM118 - the reader has no __iter__
+            if only is not None and not key.endswith(only):
+                continue
             n = reader.nbytes(key)
             if expert.match(key) or key in routers:
                 total += round(n * frac)  # uniform patterns: every expert of a layer has the same size
@@ -186,15 +263,28 @@ def kept_bytes(folder: Path, k: int | None) -> int:
 
 
 def prepare(folder: Path, spec: dict) -> dict:
-    """(In a child) generate the checkpoint if needed, write the patterns, size the kept tensors."""
+    """(In a child) generate the checkpoints if needed, write the patterns, size the kept tensors.
+
+    A pattern names its model (fingerprint), so each checkpoint gets its own; both draw the same experts."""
+    fp8 = fp8_folder(folder)
     if not (folder / "config.json").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
         generate(folder, spec)
-    patterns = {k: folder.parent / f"{folder.name}-pattern-{k}.json" for _, _, k in CASES if k is not None}
-    for k, path in patterns.items():
-        make_pattern(folder, k, path)
-    kept = {name: kept_bytes(folder, k) for name, _, k in CASES}
-    return {"patterns": {k: str(v) for k, v in patterns.items()}, "kept": kept}
+        shutil.rmtree(fp8, ignore_errors=True)  # made from the old weights
+    if not (fp8 / "config.json").is_file():
+        generate_fp8(folder, fp8)
+    patterns = {}
+    for name, _, k, fmt in CASES:
+        if k is not None:
+            src = case_folder(folder, fmt)
+            patterns[name] = src.parent / f"{src.name}-pattern-{k}.json"
+            make_pattern(src, k, patterns[name])
+    kept = {name: kept_bytes(case_folder(folder, fmt), k) for name, _, k, fmt in CASES}
+    kept_full = {fmt: kept_bytes(case_folder(folder, fmt), None) for fmt in ("bf16", "fp8")}
+    kept_scales = {name: kept_bytes(case_folder(folder, fmt), k, "_scale_inv") for name, _, k, fmt in CASES
+                   if fmt == "fp8"}
+    return {"patterns": {k: str(v) for k, v in patterns.items()}, "kept": kept, "kept_full": kept_full,
+            "kept_scales": kept_scales}
 
 
 def make_pattern(folder: Path, k: int, path: Path) -> None:
@@ -271,11 +361,12 @@ def child(kind: str, folder: str, pattern: str | None, out: str | None, shard: s
     return result
 
 
-def run_child(kind: str, folder: Path, pattern: Path | None, shard: str) -> dict:
-    """Drop the checkpoint from the page cache, then run one case in a fresh interpreter."""
+def run_child(kind: str, folder: Path, pattern: Path | None, shard: str, drop: list[Path]) -> dict:
+    """Drop `drop` (every checkpoint's files) from the page cache, then run one case on `folder` in a fresh
+    interpreter."""
     out = Path(tempfile.mkdtemp(prefix="export-", dir=folder.parent)) / "out" if kind == "export" else None
     files = all_files(folder)
-    drop_cache(files)
+    drop_cache(drop)
     resident, _ = resident_bytes(files)
     cmd = [sys.executable, __file__, "--child", kind, "--dir", str(folder), "--export-shard-size", shard]
     if pattern is not None:
@@ -304,14 +395,15 @@ def _check(value: float, limit: float) -> str:
     return f"{value:.3f} {'✓' if value <= limit else '✗'}"
 
 
-def report(folder: Path, runs: dict[str, list[dict]], kept: dict[str, int], full_wall: float) -> list[str]:
+def report(folder: Path, runs: dict[str, list[dict]], kept: dict[str, int], full_wall: float,
+           kept_full: dict[str, int], kept_scales: dict[str, int]) -> list[str]:
     """Print the markdown table and the target checks; return the missed targets."""
     src_max = max(f.stat().st_size for f in weight_files(folder))
     missed: list[str] = []
     print("\n| case | read from disk (MiB) | into page cache (MiB) | kept tensors (MiB) | read/kept | peak RSS (MiB) | RSS before call "
           "(MiB) | model size (MiB) | RSS/size | wall (s), median [min-max] | wall/full |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for name, kind, k in CASES:
+    for name, kind, k, _ in CASES:
         rs = runs[name]
         keys = ("read_bytes", "peak_rss", "start_rss", "model_bytes", "wall", "resident_after")
         med = {key: statistics.median(r[key] for r in rs) for key in keys}
@@ -343,6 +435,21 @@ def report(folder: Path, runs: dict[str, list[dict]], kept: dict[str, int], full
         cells += [f"{med['wall']:.2f} [{min(walls):.2f}-{max(walls):.2f}]", wall_cell]
         print("| " + " | ".join(cells) + " |")
 
+    for name, _, k, fmt in CASES:
+        if fmt == "fp8":
+            rs = runs[name]
+            bf16_name = next(n for n, kd, kk, f in CASES if f == "bf16" and kd == "slim" and kk == k)
+            fp8_size = sum(f.stat().st_size for f in weight_files(fp8_folder(folder)))
+            bf16_size = sum(f.stat().st_size for f in weight_files(folder))
+            scales = kept_scales.get(name, 0)
+            print(f"\n{name}: the FP8 checkpoint needs {_mib(fp8_size)} MiB on disk vs {_mib(bf16_size)} MiB for the "
+                  f"bf16 one ({fp8_size / bf16_size:.3f}x; tensors {_mib(kept_full['fp8'])} vs {_mib(kept_full['bf16'])} "
+                  f"MiB); this pattern keeps {_mib(kept[name])} MiB of FP8 tensors (scale grids included) vs "
+                  f"{_mib(kept[bf16_name])} MiB of bf16 ({kept[name] / kept[bf16_name]:.3f}x) and loads "
+                  f"{_mib(statistics.median(r['model_bytes'] for r in rs))} MiB of bf16 parameters; "
+                  f"read/kept is against the FP8 bytes, RSS/size against the bf16 model"
+                  + (f"; of the kept FP8 bytes {scales:,} are weight_scale_inv grids" if scales else ""))
+
     ex = runs["export-50"]
     peak = statistics.median(r["peak_rss"] for r in ex)
     start = statistics.median(r["start_rss"] for r in ex)
@@ -356,18 +463,18 @@ def report(folder: Path, runs: dict[str, list[dict]], kept: dict[str, int], full
         missed.append(f"export-50: peak RSS / largest output shard {peak / out_max:.3f} > {TARGET_EXPORT_RSS}")
 
     print("\nnet of the interpreter + imports (peak RSS - RSS before the call) / model size, for reference:")
-    for name, kind, _ in CASES:
+    for name, kind, _, _ in CASES:
         if kind != "export":
             rs = runs[name]
             net = statistics.median((r["peak_rss"] - r["start_rss"]) / r["model_bytes"] for r in rs)
             print(f"  {name}: {net:.3f}")
     print("\nwall / full wall of the same round (cases run round-robin, so this is less exposed to drift), "
           "median [min-max]:")
-    for name, kind, _ in CASES:
+    for name, kind, _, _ in CASES:
         if kind != "full":
             ratios = [r["wall"] / f["wall"] for r, f in zip(runs[name], runs["full"], strict=True)]
             print(f"  {name}: {statistics.median(ratios):.3f} [{min(ratios):.3f}-{max(ratios):.3f}]")
-    req = {name: [r.get("requested") for r in runs[name]] for name, kind, _ in CASES if kind == "slim"}
+    req = {name: [r.get("requested") for r in runs[name]] for name, kind, _, _ in CASES if kind == "slim"}
     print("\nbytes load_slim requested (moeprune_load_report.bytes_read, MiB): "
           + ", ".join(f"{n}: {_mib(v[0])}" for n, v in req.items()))
     hwm = {name: _mib(statistics.median(r["hwm"] for r in rs)) for name, rs in runs.items()}
@@ -375,7 +482,7 @@ def report(folder: Path, runs: dict[str, list[dict]], kept: dict[str, int], full
     worst = max(r["resident_before"] for rs in runs.values() for r in rs)
     print(f"page cache: at most {_mib(worst)} MiB of the checkpoint was resident when a child started "
           f"(mincore after fsync + POSIX_FADV_DONTNEED); 'into page cache' is what was resident after the child")
-    print(f"\ntargets: read/kept <= {TARGET_READ} (slim, export); RSS/size <= {TARGET_RSS} (slim); "
+    print(f"\ntargets: read/kept <= {TARGET_READ} (slim, export; slim-50-fp8 against its kept FP8 bytes); RSS/size <= {TARGET_RSS} (slim); "
           f"wall/full <= kept fraction + {TARGET_WALL_SLACK} (slim); export peak RSS / largest output shard "
           f"<= {TARGET_EXPORT_RSS}")
     print("all targets met" if not missed else "missed:\n  " + "\n  ".join(missed))
@@ -425,29 +532,31 @@ def parent(args: argparse.Namespace, folder: Path, shard: str) -> None:
     cmd += ["--layers", str(args.layers)] if args.layers else []
     prep = json.loads(subprocess.run(cmd, capture_output=False, stdout=subprocess.PIPE, text=True,
                                      check=True).stdout.strip().splitlines()[-1])
-    weights = weight_files(folder)
-    size = sum(f.stat().st_size for f in weights)
-    print(f"checkpoint {folder}: {len(weights)} shards, {size:,} bytes ({size / 2**30:.2f} GiB, "
-          f"{size / 1e9:.2f} GB)")
-    patterns = {int(k): Path(v) for k, v in prep["patterns"].items()}
+    for fmt in ("bf16", "fp8"):
+        weights = weight_files(case_folder(folder, fmt))
+        size = sum(f.stat().st_size for f in weights)
+        print(f"checkpoint {case_folder(folder, fmt)} ({fmt}): {len(weights)} shards, {size:,} bytes "
+              f"({size / 2**30:.2f} GiB, {size / 1e9:.2f} GB)")
+    patterns = {name: Path(v) for name, v in prep["patterns"].items()}
     kept = prep["kept"]
+    everything = all_files(folder) + all_files(fp8_folder(folder))
 
     if args.warmup:
         t0 = time.perf_counter()
-        n = read_through(all_files(folder))
+        n = read_through(everything)
         print(f"warm-up: read {_mib(n)} MiB in {time.perf_counter() - t0:.1f} s (host-side caches now warm; "
               "the guest page cache is still dropped before every child)")
-    runs: dict[str, list[dict]] = {name: [] for name, _, _ in CASES}
+    runs: dict[str, list[dict]] = {name: [] for name, _, _, _ in CASES}
     for i in range(args.repeats):
-        for name, kind, k in CASES:
-            r = run_child(kind, folder, patterns.get(k) if k else None, shard)
+        for name, kind, _, fmt in CASES:
+            r = run_child(kind, case_folder(folder, fmt), patterns.get(name), shard, everything)
             runs[name].append(r)
             print(f"run {i + 1}/{args.repeats} {name}: wall {r['wall']:.2f} s (CPU {r['cpu']:.2f} s), read {_mib(r['read_bytes'])} MiB, "
                   f"peak RSS {_mib(r['peak_rss'])} MiB (VmHWM {_mib(r['hwm'])}), "
                   f"page cache {_mib(r['resident_before'])} -> {_mib(r['resident_after'])} MiB",
                   flush=True)
     full_wall = statistics.median(r["wall"] for r in runs["full"])
-    report(folder, runs, kept, full_wall)
+    report(folder, runs, kept, full_wall, prep["kept_full"], prep["kept_scales"])
 
 
 if __name__ == "__main__":

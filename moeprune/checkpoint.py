@@ -23,6 +23,7 @@ import json
 import os
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,6 +39,16 @@ from .routers import get_adapter
 from .routers.base import MoEAdapter
 
 Job = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class Read:
+    """One tensor to read whole: in-memory `name`, checkpoint `key`, decoded `shape` and buffer `dtype`."""
+
+    name: str
+    key: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
 
 
 def model_folder(model_path: str | os.PathLike) -> str:
@@ -402,15 +413,13 @@ class Checkpoint:
                 jobs.append(lambda key=p.key, view=view: codec.read_into(reader, key, view))
         return out, jobs
 
-    def _backbone_reads(self, model: nn.Module,
-                        skip: set[str]) -> tuple[dict[str, torch.Tensor], list[Job], set[str]]:
-        """Buffers and reads for every tensor of `model` not in `skip` (nor tied), and the checkpoint
-        keys they use (companions included)."""
+    def backbone_plan(self, model: nn.Module, skip: set[str]) -> tuple[list[Read], set[str]]:
+        """What to read for every tensor of `model` not in `skip` (nor tied), checked against the
+        headers without reading a byte, and the checkpoint keys that uses (companions included)."""
         reader, codec = self.reader, self.codec
-        buffers: dict[str, torch.Tensor] = {}
-        jobs: list[Job] = []
+        plan: list[Read] = []
         used: set[str] = set()
-        tied = _tied_names(model)
+        tied = tied_names(model)
         for name, current in list(model.named_parameters()) + list(model.named_buffers()):
             if name in skip:
                 continue
@@ -430,12 +439,20 @@ class Checkpoint:
                                     f"its config expects {list(current.shape)}")
             buf_dtype = codec.buffer_dtype(reader, key, current.dtype)
             _check_dtype_class(key, buf_dtype, current.dtype)  # before any byte is read
-            buf = torch.empty(shape, dtype=buf_dtype)
-            buffers[name] = buf
-            jobs.append(lambda key=key, buf=buf: codec.read_into(reader, key, buf))
+            plan.append(Read(name, key, shape, buf_dtype))
             used.add(key)
             used.update(codec.companions(reader, key))
-        return buffers, jobs, used
+        return plan, used
+
+    def plan_reads(self, plan: Iterable[Read]) -> tuple[dict[str, torch.Tensor], list[Job]]:
+        """Buffers for the tensors of `plan` and the reads that fill them."""
+        buffers: dict[str, torch.Tensor] = {}
+        jobs: list[Job] = []
+        for r in plan:
+            buf = torch.empty(r.shape, dtype=r.dtype)
+            buffers[r.name] = buf
+            jobs.append(lambda key=r.key, buf=buf: self.codec.read_into(self.reader, key, buf))
+        return buffers, jobs
 
     def check_keys(self, used: Iterable[str]) -> None:
         """Refuse a checkpoint key that is not in `used`, not a router, not an expert's (with its
@@ -474,8 +491,9 @@ class Checkpoint:
             staged, layer_jobs = self.expert_reads(layer, ids, dtype)
             buffers.update(staged)
             jobs += layer_jobs
-        backbone, backbone_jobs, used = self._backbone_reads(model, fused | set(routers))
+        plan, used = self.backbone_plan(model, fused | set(routers))
         self.check_keys(used)
+        backbone, backbone_jobs = self.plan_reads(plan)
         buffers.update(backbone)
         run_reads(jobs + backbone_jobs, threads)
         buffers.update(routers)
@@ -494,10 +512,10 @@ class Checkpoint:
         if left:
             raise MoepruneError(f"checkpoint {self.folder} lacks tensors: {', '.join(left[:5])}")
 
-    def load_experts(self, kept: dict[int, list[int]], dtype: torch.dtype, routers: dict[str, torch.Tensor],
-                     threads: int = 4) -> nn.Module:
-        """A model holding only experts `kept` (layer -> original ids, renumbered 0..k-1 in that
-        order) and their router rows; the stock class, sized per layer where counts differ."""
+    def slim_skeleton(self, kept: dict[int, list[int]], dtype: torch.dtype,
+                      routers: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+        """A meta skeleton holding only experts `kept` (layer -> original ids, renumbered 0..k-1 in
+        that order), the stock class sized per layer where counts differ, and its router rows."""
         counts = {layer: len(ids) for layer, ids in kept.items()}
         config = self.model_config(max(counts.values()))
         if len(set(counts.values())) > 1:
@@ -509,12 +527,18 @@ class Checkpoint:
             for name in self.adapter.router_keys(layer):
                 if name in routers:
                     sliced[name] = routers[name].index_select(0, index).contiguous()
+        return model, sliced
+
+    def load_experts(self, kept: dict[int, list[int]], dtype: torch.dtype, routers: dict[str, torch.Tensor],
+                     threads: int = 4) -> nn.Module:
+        """`slim_skeleton`, filled."""
+        model, sliced = self.slim_skeleton(kept, dtype, routers)
         self.load_into(model, sliced, kept, threads)
         self.finish(model)
         return model
 
 
-def _tied_names(model: nn.Module) -> set[str]:
+def tied_names(model: nn.Module) -> set[str]:
     if not getattr(model.config, "tie_word_embeddings", False):
         return set()
     out = model.get_output_embeddings()

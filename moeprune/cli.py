@@ -20,7 +20,7 @@ def _cmd_profile(args) -> int:
     out = check_output_dir(args.output, force=args.force, protect=_local(args.model), what="profile folder")
     prof = profile(
         args.model, Path(args.prompts), domain=args.domain, batch_size=args.batch_size, max_length=args.max_length,
-        tcess_threshold=args.tcess_threshold, dtype=args.dtype, progress=not args.quiet,
+        tcess_threshold=args.tcess_threshold, dtype=args.dtype, progress=not args.quiet, **_stream_args(args),
     )
     prof.save(out, overwrite=args.force)
     cut = prof.meta.get("n_cut") or 0
@@ -123,12 +123,25 @@ def _cmd_plot(args) -> int:
     return 0
 
 
+def _stream_args(args) -> dict:
+    return {"stream": not args.no_stream, "memory_budget": args.memory_budget, "device": args.device}
+
+
+def _add_stream_options(p) -> None:
+    p.add_argument("--memory-budget", default=None,
+                   help="bytes the layers in flight and the activations may take (e.g. 8GB); the activations "
+                        "spill to a temporary file beyond it")
+    p.add_argument("--no-stream", action="store_true",
+                   help="load the whole model first instead of running it one decoder layer at a time")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where each layer runs")
+
+
 def _cmd_eval(args) -> int:
     from .evaluate import evaluate
 
     result = evaluate(args.model, Path(args.data), pattern=args.pattern, window=args.window, stride=args.stride,
                       batch_size=args.batch_size, max_tokens=args.max_tokens, dtype=args.dtype,
-                      progress=not args.quiet)
+                      progress=not args.quiet, **_stream_args(args))
     what = f"{args.model} with pattern {args.pattern}" if args.pattern else args.model
     print(f"{what}: {result}")
     return 0
@@ -279,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="PreMoe confidence filter: count router probabilities only above this")
     p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
     p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    _add_stream_options(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_profile)
 
@@ -331,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--max-tokens", type=int, default=None, help="score at most this many tokens")
     p.add_argument("--dtype", default="auto")
+    _add_stream_options(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
 

@@ -69,14 +69,18 @@ def evaluate(
     batch_size: int = 8,
     max_tokens: int | None = None,
     dtype=None,
+    stream: bool = True,
+    memory_budget: int | str | None = None,
+    device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> EvalResult:
     """Perplexity of `model` on `data` (a .jsonl/.txt file or a list of texts).
 
     `model` is a loaded model (pass `tokenizer`) or a checkpoint folder; with `pattern`, the
-    folder is loaded slim (only the pattern's experts) through `load_slim`. `window` (default
-    256, or the model's context if shorter) may not exceed the model's context; `stride`
-    defaults to the window.
+    folder is used slim (only the pattern's experts, as `load_slim` builds it). A folder is
+    streamed one decoder layer at a time on `device` (`moeprune.stream`; `memory_budget` bounds
+    the memory) unless `stream=False`, which loads it whole first. `window` (default 256, or the
+    model's context if shorter) may not exceed the model's context; `stride` defaults to the window.
     """
     if window is not None:
         check_int(window, "window", minimum=2)
@@ -91,21 +95,37 @@ def evaluate(
         raise MoepruneError(f"model must be a loaded transformers model or a checkpoint folder, "
                             f"got {type(model).__name__}")
     texts = read_documents(data)
+    streamed = None
     if isinstance(model, (str, os.PathLike)):
         from .models import check_model_path, load_config, load_model, load_tokenizer
+        from .pattern import as_pattern
 
         path = check_model_path(model)
         resolve_length(window, 256, load_config(path), "window")  # before loading a model that cannot take it
-        if pattern is not None:
+        pattern = as_pattern(pattern) if pattern is not None else None
+        if stream:
+            from .stream import LayerStream, parse_bytes
+
+            parse_bytes(memory_budget)
+            streamed = LayerStream(path, dtype=dtype, device=device, pattern=pattern, memory_budget=memory_budget)
+            model = streamed.model
+        elif pattern is not None:
             from .slim import load_slim
 
-            model = load_slim(path, pattern, dtype=dtype)
-            tokenizer = tokenizer or load_tokenizer(path)
+            model = load_slim(path, pattern, dtype=dtype, device=device)
         else:
-            model, loaded = load_model(path, dtype=dtype)
-            tokenizer = tokenizer or loaded
+            model = load_model(path, dtype=dtype, device=str(device))[0]
+        tokenizer = tokenizer or load_tokenizer(path)
     elif pattern is not None:
         raise MoepruneError("pattern= needs a checkpoint folder, not a loaded model (use load_slim first)")
+    try:
+        return _evaluate(model, streamed, texts, tokenizer, window, stride, batch_size, max_tokens, progress)
+    finally:
+        if streamed is not None:
+            streamed.close()
+
+
+def _evaluate(model, streamed, texts, tokenizer, window, stride, batch_size, max_tokens, progress) -> EvalResult:
     if tokenizer is None:
         raise MoepruneError("evaluate() needs a tokenizer when given a loaded model: pass tokenizer=...")
     window = resolve_length(window, 256, model.config, "window")
@@ -115,27 +135,38 @@ def evaluate(
     stream = token_stream(texts, tokenizer, max_tokens)
     if len(stream) < 2:
         raise MoepruneError(f"the evaluation data has {len(stream)} token(s); at least 2 are needed")
-    device = model_device(model)
+    device = streamed.device if streamed is not None else model_device(model)
     spans = _windows(len(stream), window, stride)
-    total_nll, total = 0.0, 0
-    model.eval()
-    for i in tqdm(range(0, len(spans), batch_size), desc="evaluating", unit="batch", disable=not progress):
+    batches, labels = [], []
+    for i in range(0, len(spans), batch_size):
         group = spans[i : i + batch_size]
         width = max(end - start for start, end, _ in group)
         ids = torch.zeros(len(group), width, dtype=torch.long)
         mask = torch.zeros(len(group), width, dtype=torch.long)
-        labels = torch.full((len(group), width), -100, dtype=torch.long)
+        label = torch.full((len(group), width), -100, dtype=torch.long)
         for row, (start, end, first) in enumerate(group):
             n = end - start
             ids[row, :n] = stream[start:end]
             mask[row, :n] = 1
-            labels[row, first - start : n] = stream[first:end]
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits
-        # position p predicts token p + 1
-        shifted = labels[:, 1:].to(device)
+            label[row, first - start : n] = stream[first:end]
+        batches.append({"input_ids": ids, "attention_mask": mask})
+        labels.append(label)
+    total_nll, total = 0.0, 0
+
+    def score(b: int, logits: torch.Tensor) -> None:
+        nonlocal total_nll, total
+        shifted = labels[b][:, 1:].to(logits.device)  # position p predicts token p + 1
         nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), shifted.reshape(-1),
                               ignore_index=-100, reduction="sum")
         total_nll += float(nll)
         total += int((shifted != -100).sum())
+
+    if streamed is not None:
+        streamed.run(batches, head=score, progress=progress)
+    else:
+        model.eval()
+        for b in tqdm(range(len(batches)), desc="evaluating", unit="batch", disable=not progress):
+            out = model(**{k: v.to(device) for k, v in batches[b].items()}, use_cache=False)
+            score(b, out.logits)
     mean = total_nll / total
     return EvalResult(math.exp(mean), mean, total, len(texts))

@@ -8,9 +8,10 @@ stacks whatever expert keys exist in sorted order and ignores their ids).
 
 Quantized checkpoints keep their format: a kept expert's tensors and their companions (block FP8
 `weight_scale_inv`) are copied byte for byte, after the codec has checked them from the header;
-a scheme moeprune has no codec for is refused. Names of experts in the quantization config's lists
-(`modules_to_not_convert`, `ignore`, `exclude_modules`, also in `hf_quant_config.json`) are renumbered
-like the experts, and dropped with them; a regex or glob that names experts by id is refused.
+a scheme moeprune has no codec for is refused. Names of experts anywhere in the quantization config
+(lists such as `modules_to_not_convert`, `ignore`, AutoFP8's `ignored_layers`, `exclude_modules`; also
+in `hf_quant_config.json` and AutoGPTQ's root `quantize_config.json`) are renumbered like the
+experts, and dropped with them; a regex or glob that names experts by id is refused.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tqdm.auto import tqdm
 from . import _faults
 from ._io import atomic_dir, check_output_dir
 from .checkpoint import Checkpoint
+from .codecs import LEGACY_GPTQ
 from .errors import MoepruneError
 from .fingerprint import fingerprint_from_parts
 from .models import check_model_path
@@ -381,11 +383,21 @@ def export(
             if isinstance(holder, dict) and "quantization_config" in holder:
                 holder["quantization_config"] = _rewrite_quantization(holder["quantization_config"], adapter,
                                                                       new_id, where)
-        hf_quant = None  # ModelOpt's quantization config, rewritten the same way (else copied as it is)
-        if (src / "hf_quant_config.json").is_file():
-            source = json.loads((src / "hf_quant_config.json").read_text())
-            rewritten = _rewrite_quantization(source, adapter, new_id, "hf_quant_config.json")
-            hf_quant = rewritten if rewritten != source else None
+        # ModelOpt's hf_quant_config.json and AutoGPTQ's quantize_config.json: rewritten the same way
+        # where they name experts, else copied byte for byte with the other small files
+        side_configs = {}
+        for fname in ("hf_quant_config.json", LEGACY_GPTQ):
+            if not (src / fname).is_file():
+                continue
+            try:
+                source = json.loads((src / fname).read_text())
+            except ValueError:
+                if fname == "hf_quant_config.json":
+                    raise MoepruneError(f"cannot read {src / fname}: not JSON") from None
+                continue  # not read by the codec (config.json has a quantization_config): copied as it is
+            rewritten = _rewrite_quantization(source, adapter, new_id, fname)
+            if rewritten != source:
+                side_configs[fname] = rewritten
         plan = _plan(ckpt, planned, routers, drop_extra=mtp == "drop")
         shards = _shards(plan, max_bytes)
         with atomic_dir(out, overwrite=force, protect=(src,)) as tmp:
@@ -411,9 +423,9 @@ def export(
                 (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
             (tmp / "config.json").write_text(json.dumps(_config_json(data, adapter, config, pattern, routers, mtp), indent=2) + "\n")
             written = {"config.json", "README.md", "pattern.json"}
-            if hf_quant is not None:
-                (tmp / "hf_quant_config.json").write_text(json.dumps(hf_quant, indent=2) + "\n")
-                written.add("hf_quant_config.json")
+            for fname, rewritten in side_configs.items():
+                (tmp / fname).write_text(json.dumps(rewritten, indent=2) + "\n")
+                written.add(fname)
             for f in src.iterdir():
                 if f.is_file() and not _WEIGHT_FILES.match(f.name) and f.name not in written:
                     shutil.copyfile(f, tmp / f.name)  # content only: the copy gets the umask's mode, not the source's

@@ -102,30 +102,20 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def load_model(path: str | os.PathLike, dtype=None, device: str = "cpu"):
-    """(model, tokenizer) from a local folder or a hub id; a clear error when neither works."""
-    from transformers import AutoModelForCausalLM
+    """(model, tokenizer) from a local folder or a hub id; a clear error when neither works.
 
-    from .codecs import codec_for, codec_for_folder
+    The model is assembled by moeprune's checkpoint layer (`slim.load_full`), the loader every
+    moeprune path uses: quantized weights are decoded by moeprune's codec, deterministically and
+    whatever the machine (a GPU would otherwise get native FP8 experts), and a whole model has
+    bit for bit the numerics of the same model streamed layer by layer (transformers' loader
+    keeps float32 tensors in unaligned mmap'd storage, whose SIMD paths round differently).
+    """
     from .routers import get_adapter
+    from .slim import load_full
 
     src = check_model_path(path)
-    config = load_config(src)
-    get_adapter(config)  # refuse dense or unsupported models before reading any weight
-    # a quantization scheme moeprune has no codec for is refused, not left to transformers' guess
-    local = Path(src).is_dir()
-    codec = codec_for_folder(src) if local else codec_for(getattr(config, "quantization_config", None), where=src)
-    if codec.name != "none":
-        from .slim import load_full
-
-        # moeprune's own decoding: deterministic, and it does not depend on the machine (a GPU would
-        # otherwise get native FP8 experts, which the recording hooks do not drive)
-        return load_full(src, dtype=dtype, device=device), load_tokenizer(src)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=parse_dtype(dtype) or "auto")
-    except Exception as e:
-        raise MoepruneError(f"cannot load model {src}: {str(e).splitlines()[0]}") from None
-    model.to(device).eval()
-    return model, load_tokenizer(src)
+    get_adapter(load_config(src))  # refuse dense or unsupported models before reading any weight
+    return load_full(src, dtype=dtype, device=device), load_tokenizer(src)
 
 
 def load_tokenizer(src: str):

@@ -8,9 +8,11 @@ and tcess += p_i(t) (router probability, counted only where >= the confidence th
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as _dt
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -56,16 +58,17 @@ class _Recorder:
             self.stats[name][pos] += acc[i]
 
     def on_router(self, pos: int, router: nn.Module, logits: torch.Tensor) -> None:
-        probs = self.adapter.router_probs(router, logits).reshape(-1, self.n_experts)[self.valid]
+        # the masks follow each tensor's device: a device_map model spreads its layers over GPUs
+        probs = self.adapter.router_probs(router, logits).reshape(-1, self.n_experts)[self.valid.to(logits.device)]
         kept = probs if self.threshold <= 0 else probs * (probs >= self.threshold)
         self.stats["tcess"][pos] += kept.sum(0).to("cpu", torch.float64)
         if pos == 0:
-            ids = self.prompt_ids[self.valid].cpu()
+            ids = self.prompt_ids[self.valid].cpu()  # both on the batch's device
             self.sig_sum.index_add_(0, ids, probs.to("cpu", torch.float64))
             self.sig_count.index_add_(0, ids, torch.ones(len(ids), dtype=torch.float64))
 
     def on_router_input(self, hidden: torch.Tensor) -> None:
-        x = hidden.reshape(-1, hidden.shape[-1])[self.valid].to("cpu", torch.float64)
+        x = hidden.reshape(-1, hidden.shape[-1])[self.valid.to(hidden.device)].to("cpu", torch.float64)
         if self.hidden_sum is None:
             self.hidden_sum = torch.zeros(len(self.sig_count), x.shape[-1], dtype=torch.float64)
         self.hidden_sum.index_add_(0, self.prompt_ids[self.valid].cpu(), x)
@@ -80,7 +83,7 @@ class _Recorder:
         # in float32: for a bf16 model, 1 - cos of nearly parallel vectors would round to 0
         h32 = h.float()
         contribution = (1 - torch.cosine_similarity(h32, h32 + routed.float(), dim=-1)).clamp(min=0)
-        v = self.valid
+        v = self.valid.to(indices.device)
         picks = indices[v]
         flat = picks.reshape(-1)
         if self.routing_left[pos] > 0:
@@ -91,6 +94,30 @@ class _Recorder:
         gn = w * norms[v]
         self._add(pos, flat, frequency=torch.ones_like(w), mass=w, gate_norm=gn,
                   easy_ep=gn * contribution[v].unsqueeze(-1))
+
+
+@contextlib.contextmanager
+def _recording(model: nn.Module, adapter: MoEAdapter, rec: _Recorder) -> Iterator[None]:
+    """`rec`'s hooks on every MoE layer of `model` (router, router input, residual norm, experts);
+    any failure, even while registering, leaves the model as it was."""
+    blocks, layers = adapter.blocks(model), adapter.decoder_layers(model)
+    callbacks = {adapter.experts(block): (lambda *a, pos=pos: rec.on_experts(pos, *a))
+                 for pos, (_, block) in enumerate(blocks)}
+    handles: list = []
+    try:
+        for pos, (layer, block) in enumerate(blocks):
+            handles.append(adapter.router(block).register_forward_hook(
+                lambda mod, args, out, pos=pos: rec.on_router(pos, mod, out[0])))
+            if pos == 0:
+                handles.append(adapter.router(block).register_forward_pre_hook(
+                    lambda mod, args: rec.on_router_input(args[0])))
+            handles.append(adapter.residual_norm(layers[layer]).register_forward_pre_hook(
+                lambda mod, args, pos=pos: rec.on_residual(pos, args[0])))
+        with record_experts(model, callbacks):
+            yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _batches(lengths: list[int], batch_size: int) -> list[list[int]]:
@@ -111,16 +138,21 @@ def profile(
     tcess_threshold: float = 0.0,
     routing_tokens: int = 65536,
     dtype=None,
+    stream: bool = True,
+    memory_budget: int | str | None = None,
+    device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> Profile:
     """Profile a domain: run `prompts` through `model` and return per-expert importance statistics.
 
-    `model` is a loaded transformers MoE model or a checkpoint folder (or hub id). `prompts` is a
-    list of strings / chat-message lists, or a .txt (one per line) or .jsonl (`text` or
-    `messages`) file. Prompts run in right-padded batches; padding tokens are never counted.
-    Prompts longer than `max_length` tokens (default 512, or the model's context if shorter) are
-    cut; the profile's `n_cut` says how many. The top-k picks of the first `routing_tokens` real
-    tokens are kept for diagnostics.
+    `model` is a loaded transformers MoE model or a checkpoint folder (or hub id). A folder is
+    streamed one decoder layer at a time (`moeprune.stream`: exact, and memory stays about two
+    layers plus the activations, which `memory_budget` bounds by spilling them to disk) on
+    `device`; `stream=False` loads it whole first. `prompts` is a list of strings / chat-message
+    lists, or a .txt (one per line) or .jsonl (`text` or `messages`) file. Prompts run in
+    right-padded batches; padding tokens are never counted. Prompts longer than `max_length`
+    tokens (default 512, or the model's context if shorter) are cut; the profile's `n_cut` says
+    how many. The top-k picks of the first `routing_tokens` real tokens are kept for diagnostics.
     """
     check_int(batch_size, "batch_size", minimum=1)
     if max_length is not None:
@@ -135,13 +167,32 @@ def profile(
         raise MoepruneError(f"model must be a loaded transformers model or a checkpoint folder, "
                             f"got {type(model).__name__}")
     items = read_prompts(prompts)  # before loading a big model: bad prompts fail fast
+    streamed = None
     if isinstance(model, (str, os.PathLike)):
-        from .models import check_model_path, load_config
+        from .models import check_model_path, load_config, load_tokenizer
 
         path = check_model_path(model)  # once: for a hub id it may ask the network
         max_length = resolve_length(max_length, 512, load_config(path), "max_length")
-        model, loaded_tok = load_model(path, dtype=dtype)
-        tokenizer = tokenizer or loaded_tok
+        if stream:
+            from .stream import LayerStream, parse_bytes
+
+            parse_bytes(memory_budget)  # a bad budget fails before anything is read
+            streamed = LayerStream(path, dtype=dtype, device=device, memory_budget=memory_budget)
+            model = streamed.model
+            tokenizer = tokenizer or load_tokenizer(path)
+        else:
+            model, loaded_tok = load_model(path, dtype=dtype, device=str(device))
+            tokenizer = tokenizer or loaded_tok
+    try:
+        return _profile(model, items, streamed, tokenizer, domain, batch_size, max_length, tcess_threshold,
+                        routing_tokens, progress)
+    finally:
+        if streamed is not None:
+            streamed.close()
+
+
+def _profile(model, items, streamed, tokenizer, domain, batch_size, max_length, tcess_threshold,
+             routing_tokens, progress) -> Profile:
     if tokenizer is None:
         raise MoepruneError("profile() needs a tokenizer when given a loaded model: pass tokenizer=...")
     if not callable(tokenizer):
@@ -149,39 +200,36 @@ def profile(
     adapter = get_adapter(model)
     max_length = resolve_length(max_length, 512, model.config, "max_length")
     blocks = adapter.blocks(model)
-    layers = adapter.decoder_layers(model)
-    n_experts, device = adapter.num_experts(model.config), model_device(model)
+    n_experts = adapter.num_experts(model.config)
+    device = streamed.device if streamed is not None else model_device(model)
 
     encoded, pad_id, n_cut = encode(items, tokenizer, max_length)
 
     rec = _Recorder(adapter, len(blocks), n_experts, len(items), tcess_threshold, routing_tokens)
-    callbacks = {adapter.experts(block): (lambda *a, pos=pos: rec.on_experts(pos, *a))
-                 for pos, (_, block) in enumerate(blocks)}
-    was_training = model.training
     batches = _batches([len(e) for e in encoded], batch_size)
-    handles: list = []
-    try:  # hooks are registered inside: any failure, even while registering, leaves the model as it was
-        for pos, (layer, block) in enumerate(blocks):
-            handles.append(adapter.router(block).register_forward_hook(
-                lambda mod, args, out, pos=pos: rec.on_router(pos, mod, out[0])))
-            if pos == 0:
-                handles.append(adapter.router(block).register_forward_pre_hook(
-                    lambda mod, args: rec.on_router_input(args[0])))
-            handles.append(adapter.residual_norm(layers[layer]).register_forward_pre_hook(
-                lambda mod, args, pos=pos: rec.on_residual(pos, args[0])))
+    inputs, masks = [], []
+    for batch in batches:
+        width = max(len(encoded[i]) for i in batch)
+        ids = torch.tensor([encoded[i] + [pad_id] * (width - len(encoded[i])) for i in batch])
+        mask = torch.tensor([[1] * len(encoded[i]) + [0] * (width - len(encoded[i])) for i in batch])
+        owner = torch.tensor(batch).unsqueeze(1).expand(-1, width)
+        inputs.append({"input_ids": ids, "attention_mask": mask})
+        masks.append((mask.reshape(-1).bool().to(device), owner.reshape(-1).to(device)))
+
+    def select(b: int) -> None:
+        rec.valid, rec.prompt_ids = masks[b]
+
+    was_training = model.training
+    try:
         model.eval()
-        with record_experts(model, callbacks):
-            for batch in tqdm(batches, desc="profiling", unit="batch", disable=not progress):
-                width = max(len(encoded[i]) for i in batch)
-                ids = torch.tensor([encoded[i] + [pad_id] * (width - len(encoded[i])) for i in batch])
-                mask = torch.tensor([[1] * len(encoded[i]) + [0] * (width - len(encoded[i])) for i in batch])
-                owner = torch.tensor(batch).unsqueeze(1).expand(-1, width)
-                rec.valid = mask.reshape(-1).bool().to(device)
-                rec.prompt_ids = owner.reshape(-1).to(device)
-                model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False)
+        with _recording(model, adapter, rec):
+            if streamed is not None:
+                streamed.run(inputs, before=lambda layer, b: select(b), progress=progress)
+            else:
+                for b in tqdm(range(len(inputs)), desc="profiling", unit="batch", disable=not progress):
+                    select(b)
+                    model(**{k: v.to(device) for k, v in inputs[b].items()}, use_cache=False)
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
 
     n_tokens = int(sum(len(e) for e in encoded))
@@ -189,7 +237,7 @@ def profile(
         "model_type": model.config.model_type,
         "family": adapter.family,
         "model": str(getattr(model.config, "_name_or_path", "") or ""),
-        "fingerprint": model_fingerprint(model),
+        "fingerprint": streamed.fingerprint if streamed is not None else model_fingerprint(model),
         "domain": domain,
         "n_prompts": len(items),
         "n_tokens": n_tokens,
@@ -204,6 +252,8 @@ def profile(
         "format_version": PROFILE_FORMAT,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
     }
+    if streamed is not None:  # what the layer-by-layer run read and held
+        meta["stream"] = dataclasses.asdict(streamed.report)
     count = rec.sig_count.clamp(min=1).unsqueeze(-1)
     signatures = (rec.sig_sum / count).float()
     hidden = (rec.hidden_sum / count).float() if rec.hidden_sum is not None else None

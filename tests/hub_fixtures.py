@@ -437,6 +437,14 @@ def assert_close(got: torch.Tensor, want: torch.Tensor) -> None:
     assert (got - want).abs().max().item() <= 1e-5
 
 
+def assert_export_matches_oracle(fx, pattern: Pattern, out, k: int) -> None:
+    """The export at `out` (k experts per layer), decoded, is the oracle under `pattern`."""
+    full = Pattern({layer: list(range(k)) for layer in pattern.kept}, {"num_experts": k})
+    slim = moeprune.load_slim(out, full, dtype="float32", verify=False)
+    with torch.no_grad():
+        assert_close(slim(IDS).logits, oracle_logits(fx, pattern))
+
+
 def raises_one_line(fn, match: str) -> str:
     with pytest.raises(MoepruneError, match=match) as info:
         fn()
@@ -763,3 +771,79 @@ def assert_profile_matches_oracle(fx, prompts: list[str]) -> None:
     assert prof.fingerprint == ref.fingerprint
     for stat in ("frequency", "mass", "gate_norm"):
         assert torch.allclose(prof.stats[stat], ref.stats[stat], rtol=1e-5, atol=1e-6), stat
+
+
+# ---------------------------------------------------------------------------------------- AutoFP8 per-tensor FP8 (F7)
+def mixtral_hub_config(quantization_config: dict | None, H: int, I_MOE: int, E: int, layers: int, heads: int,
+                       kv_heads: int, V: int, torch_dtype: str = "bfloat16",
+                       transformers_version: str = "4.40.0") -> dict:
+    """A Mixtral config.json as the hub spells it (`num_local_experts`); no `quantization_config`
+    key at all when `quantization_config` is None."""
+    config = {
+        "architectures": ["MixtralForCausalLM"], "attention_dropout": 0.0, "bos_token_id": 1, "eos_token_id": 2,
+        "hidden_act": "silu", "hidden_size": H, "initializer_range": 0.02, "intermediate_size": I_MOE,
+        "max_position_embeddings": 256, "model_type": "mixtral", "num_attention_heads": heads,
+        "num_experts_per_tok": 2, "num_hidden_layers": layers, "num_key_value_heads": kv_heads,
+        "num_local_experts": E, "output_router_logits": False, "quantization_config": quantization_config,
+        "rms_norm_eps": 1e-05, "rope_theta": 1000000.0, "router_aux_loss_coef": 0.02, "sliding_window": None,
+        "tie_word_embeddings": False, "torch_dtype": torch_dtype, "transformers_version": transformers_version,
+        "use_cache": True, "vocab_size": V,
+    }
+    if quantization_config is None:
+        del config["quantization_config"]
+    return config
+
+
+AUTOFP8_IGNORED_EXPERT = "model.layers.1.block_sparse_moe.experts.3.w2"  # stored BF16, named in ignored_layers
+
+
+def mixtral_autofp8(folder: Path, seed: int = 0, static: bool = True,
+                    plain: tuple[str, ...] = (AUTOFP8_IGNORED_EXPERT,)) -> Fixture:
+    """F7: neuralmagic's AutoFP8 Mixtral-8x7B-Instruct-v0.1-FP8 layout: attention q/k/v/o and
+    per-expert w1/w2/w3 as F8_E4M3 `weight` [out, in] with a per-tensor F32 `weight_scale` [] and
+    (`static`) an F32 `input_scale` [] that differs across experts (w1 and w3 of one expert share
+    theirs, as do q/k/v: they read the same input); BF16 router, norms, embeddings and lm_head.
+    `quantization_config = {"quant_method": "fp8", "activation_scheme": ..., "ignored_layers": [...]}`
+    lists lm_head and every layer's router by name, and the `plain` Linears (one expert's w2, to
+    test the export's rewrite), which are stored in BF16."""
+    H, I_MOE, V, E, LAYERS, heads, kv_heads = 64, 96, 128, 8, 2, 4, 2
+    head_dim = H // heads
+    ignored = ["lm_head", *(f"model.layers.{i}.block_sparse_moe.gate" for i in range(LAYERS)), *plain]
+    qc = {"activation_scheme": "static" if static else "dynamic", "ignored_layers": ignored, "quant_method": "fp8"}
+    w = _Writer(seed, torch.float32)
+    w.fx = Fixture(Path(folder), mixtral_hub_config(qc, H, I_MOE, E, LAYERS, heads, kv_heads, V))
+    shared: dict[str, torch.Tensor] = {}
+
+    def linear(name: str, rows: int, cols: int) -> None:
+        if name in plain:
+            w.plain(f"{name}.weight", (rows, cols), 0.05)
+            return
+        codes = (torch.randn(rows, cols, generator=w.gen) * 64).clamp(-448, 448).to(torch.float8_e4m3fn)
+        scale = (torch.rand((), generator=w.gen) + 0.5) * (0.02 / 64)  # F32 []
+        w._put(f"{name}.weight", codes, codes.float() * scale, extra=False)
+        w.fx.stored[f"{name}.weight_scale"] = scale
+        w.fx.quantized.add(f"{name}.weight")
+        if static:
+            reader = name.rsplit(".", 1)[0] + (".qkv" if name.endswith(("q_proj", "k_proj", "v_proj")) else
+                                               ".w13" if name.endswith(("w1", "w3")) else name)
+            if reader not in shared:
+                shared[reader] = torch.rand((), generator=w.gen) * 0.05 + 0.01
+            w.fx.stored[f"{name}.input_scale"] = shared[reader].clone()
+
+    w.plain("model.embed_tokens.weight", (V, H), 0.5)
+    for i in range(LAYERS):
+        p = f"model.layers.{i}"
+        for proj, rows, cols in (("q", heads * head_dim, H), ("k", kv_heads * head_dim, H),
+                                 ("v", kv_heads * head_dim, H), ("o", H, heads * head_dim)):
+            linear(f"{p}.self_attn.{proj}_proj", rows, cols)
+        w.plain(f"{p}.block_sparse_moe.gate.weight", (E, H), 0.5)
+        for e in range(E):
+            x = f"{p}.block_sparse_moe.experts.{e}"
+            linear(f"{x}.w1", I_MOE, H)
+            linear(f"{x}.w3", I_MOE, H)
+            linear(f"{x}.w2", H, I_MOE)
+        w.plain(f"{p}.input_layernorm.weight", (H,), 0.1, 1.0)
+        w.plain(f"{p}.post_attention_layernorm.weight", (H,), 0.1, 1.0)
+    w.plain("model.norm.weight", (H,), 0.1, 1.0)
+    w.plain("lm_head.weight", (V, H), 0.05)
+    return w.save()

@@ -10,6 +10,7 @@ import torch
 from hub_fixtures import (
     IDS,
     assert_close,
+    assert_export_matches_oracle,
     assert_pool_matches_oracle,
     assert_profile_matches_oracle,
     ct_config,
@@ -23,7 +24,7 @@ from hub_fixtures import (
 )
 
 import moeprune
-from moeprune import Pattern, export, load_slim
+from moeprune import export, load_slim
 from moeprune.codecs import codec_for
 from moeprune.codecs import compressed_tensors as ct
 from moeprune.codecs.compressed_tensors import dequantize_packed
@@ -146,10 +147,7 @@ def test_export_is_byte_exact(hub, name, tmp_path):
         named = [n for n in qc["ignore"] if ".experts." in n]
         assert named == ([f"model.layers.1.mlp.experts.{kept.index(3)}.down_proj"] if 3 in kept else [])
     # the export, decoded, is the oracle under the pattern
-    full = Pattern({layer: list(range(k)) for layer in pattern.kept}, {"num_experts": k})
-    slim = load_slim(out, full, dtype="float32", verify=False)
-    with torch.no_grad():
-        assert_close(slim(IDS).logits, oracle_logits(fx, pattern))
+    assert_export_matches_oracle(fx, pattern, out, k)
 
 
 def test_static_input_scale_keeps_the_layer_max(hub, tmp_path):

@@ -1,7 +1,8 @@
 """GPTQ and AWQ (4-bit, per-expert `qweight`/`qzeros`/`scales`/`g_idx`) hub checkpoints:
 load_slim, the ExpertPool and profile equal an oracle built from independently dequantized
 values; export copies kept experts' companions byte for byte; variants moeprune does not decode
-refuse in one line. Fixtures: tests/hub_fixtures.py (F6)."""
+refuse in one line. The old AutoGPTQ layout (no quantization_config, only a root
+quantize_config.json) decodes and exports the same way. Fixtures: tests/hub_fixtures.py (F6)."""
 
 import json
 
@@ -13,6 +14,7 @@ from hub_fixtures import (
     GPTQ_CONFIG,
     IDS,
     assert_close,
+    assert_export_matches_oracle,
     assert_pool_matches_oracle,
     assert_profile_matches_oracle,
     int4_values,
@@ -27,9 +29,9 @@ from hub_fixtures import (
 )
 
 import moeprune
-from moeprune import Pattern, export, load_slim
+from moeprune import export, load_slim
 from moeprune.codecs import awq as awq_module
-from moeprune.codecs import codec_for
+from moeprune.codecs import codec_for, codec_for_folder
 from moeprune.codecs import gptq as gptq_module
 from moeprune.codecs.awq import dequantize_awq, unpack_awq
 from moeprune.codecs.gptq import dequantize_gptq
@@ -156,10 +158,7 @@ def test_export_is_byte_exact(hub, name, tmp_path):
                         assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
             assert f"{prefix.format(l=layer, e=k)}.{projs[0]}.qweight" not in dst
             assert not any(key.endswith(".weight") and ".experts." in key for key in dst.keys())  # noqa: SIM118
-    full = Pattern({layer: list(range(k)) for layer in pattern.kept}, {"num_experts": k})
-    slim = load_slim(out, full, dtype="float32", verify=False)
-    with torch.no_grad():
-        assert_close(slim(IDS).logits, oracle_logits(fx, pattern))
+    assert_export_matches_oracle(fx, pattern, out, k)
 
 
 # ---------------------------------------------------------------------------------------- refusals
@@ -227,3 +226,93 @@ def test_the_oracle_catches_a_broken_codec(hub, monkeypatch, broken):
     with torch.no_grad():
         got = load_slim(fx.folder, pattern, dtype="float32")(IDS).logits
     assert (got - oracle_logits(fx, pattern)).abs().max().item() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------- old AutoGPTQ layout
+@pytest.fixture(scope="module")
+def legacy(hub, tmp_path_factory):
+    """TheBloke-era layout: config.json without quantization_config, the GPTQ config only in the
+    root quantize_config.json (no quant_method), as AutoGPTQ wrote it."""
+    fx = hub["mixtral_gptq"]
+    config = {k: v for k, v in fx.config.items() if k != "quantization_config"}
+    folder = variant(fx, tmp_path_factory.mktemp("legacy") / "Mixtral-GPTQ-legacy", config=config)
+    assert "quant_method" not in json.loads((folder / "quantize_config.json").read_text())
+    return fx, folder
+
+
+def test_quantize_config_json_is_read_as_gptq(legacy):
+    fx, folder = legacy
+    codec = codec_for_folder(folder)
+    assert codec.name == "gptq" and codec.desc_act is True and codec.group_size == 32
+    pattern = random_pattern(fx)
+    slim = load_slim(folder, pattern, dtype="float32")
+    with torch.no_grad():
+        assert_close(slim(IDS).logits, oracle_logits(fx, pattern))
+    assert not hasattr(slim.config, "quantization_config")
+
+
+def test_quantize_config_json_export_round_trips(legacy, tmp_path):
+    fx, folder = legacy
+    pattern = random_pattern(fx)
+    out = export(folder, pattern, tmp_path / "pruned")
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    # no expert names in it: copied byte for byte, and the export decodes the same way
+    assert (out / "quantize_config.json").read_bytes() == (folder / "quantize_config.json").read_bytes()
+    assert codec_for_folder(out).describe() == codec_for_folder(folder).describe()
+    k = fx.num_experts // 2
+    prefix, projs, suffixes = expert_parts(fx)
+    with CheckpointReader(folder) as src, CheckpointReader(out) as dst:
+        for layer, ids in pattern.kept.items():
+            for new, old in enumerate(ids):
+                for proj in projs:
+                    for suffix in suffixes:
+                        a = src.get(f"{prefix.format(l=layer, e=old)}.{proj}.{suffix}")
+                        b = dst.get(f"{prefix.format(l=layer, e=new)}.{proj}.{suffix}")
+                        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    assert_export_matches_oracle(fx, pattern, out, k)
+
+
+def test_quantize_config_json_expert_names_are_rewritten(legacy, tmp_path):
+    """A quantize_config.json that names experts goes through the same rewrite as quantization_config."""
+    fx, folder = legacy
+    pattern = random_pattern(fx)
+    kept, dropped = pattern.kept[1][1], next(e for e in range(fx.num_experts) if e not in pattern.kept[1])
+    qc = json.loads((folder / "quantize_config.json").read_text())
+    names = ["lm_head", f"model.layers.1.block_sparse_moe.experts.{kept}.w2",
+             f"model.layers.1.block_sparse_moe.experts.{dropped}.w2"]
+    src = variant(fx, tmp_path / "ckpt", config=json.loads((folder / "config.json").read_text()),
+                  files={"quantize_config.json": json.dumps({**qc, "modules_to_not_convert": names})})
+    out = export(src, pattern, tmp_path / "pruned")
+    got = json.loads((out / "quantize_config.json").read_text())
+    assert got == {**qc, "modules_to_not_convert": ["lm_head", "model.layers.1.block_sparse_moe.experts.1.w2"]}
+
+
+LEGACY_REFUSALS = {
+    "not JSON": ('{"bits": 4, "group_size": 32,', r"cannot read .*quantize_config.json"),
+    "bits 3": (json.dumps({"bits": 3, "group_size": 32, "desc_act": False}), r"quantize_config.json: gptq .*bits 3"),
+    "bits 8": (json.dumps({"bits": 8, "group_size": 32, "desc_act": False}), r"quantize_config.json: gptq .*bits 8"),
+    "quant_method awq": (json.dumps({"bits": 4, "group_size": 32, "quant_method": "awq"}),
+                         r"quantize_config.json declares quant_method 'awq'"),
+    "a list": ("[4, 32]", r"quantize_config.json is not a JSON object"),
+}
+
+
+@pytest.mark.parametrize("what", list(LEGACY_REFUSALS))
+def test_bad_quantize_config_json_refuses(legacy, what, tmp_path):
+    fx, folder = legacy
+    text, match = LEGACY_REFUSALS[what]
+    bad = variant(fx, tmp_path / "ckpt", config=json.loads((folder / "config.json").read_text()),
+                  files={"quantize_config.json": text})
+    pattern = random_pattern(fx)
+    for call in (lambda: load_slim(bad, pattern), lambda: ExpertPool(bad, 6),
+                 lambda: moeprune.profile(bad, PROMPTS), lambda: export(bad, pattern, tmp_path / "out")):
+        raises_one_line(call, match)
+    assert not (tmp_path / "out").exists()
+
+
+def test_quantization_config_wins_over_quantize_config_json(hub, tmp_path):
+    """Where config.json has a quantization_config, the root file is not read (nor is it by transformers)."""
+    fx = hub["mixtral_gptq_no_act_order"]
+    folder = variant(fx, tmp_path / "ckpt", files={"quantize_config.json": json.dumps({"bits": 8, "desc_act": True})})
+    codec = codec_for_folder(folder)
+    assert codec.name == "gptq" and codec.desc_act is False

@@ -10,6 +10,7 @@ from hub_fixtures import (
     IDS,
     MXFP4_CONFIG,
     assert_close,
+    assert_export_matches_oracle,
     assert_pool_matches_oracle,
     assert_profile_matches_oracle,
     gpt_oss_mxfp4,
@@ -20,7 +21,7 @@ from hub_fixtures import (
 )
 
 import moeprune
-from moeprune import Pattern, export, load_slim
+from moeprune import export, load_slim
 from moeprune.codecs import codec_for
 from moeprune.codecs import mxfp4 as mxfp4_module
 from moeprune.codecs.mxfp4 import FP4_VALUES, dequantize_mxfp4
@@ -144,10 +145,7 @@ def test_export_is_byte_exact(fx, tmp_path):
                     assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8), b.view(torch.uint8)), key
                 assert f"model.layers.{layer}.mlp.experts.{proj}" not in dst  # stays quantized
     # the export, decoded, is the oracle under the pattern
-    full = Pattern({layer: list(range(k)) for layer in pattern.kept}, {"num_experts": k})
-    slim = load_slim(out, full, dtype="float32", verify=False)
-    with torch.no_grad():
-        assert_close(slim(IDS).logits, oracle_logits(fx, pattern))
+    assert_export_matches_oracle(fx, pattern, out, k)
 
 
 def test_export_reloads_in_transformers(fx, tmp_path):

@@ -17,7 +17,8 @@ over experts are refused. Export copies every companion byte for byte, except a 
 `input_scale` of an expert: vLLM serves a layer with the max of its experts' input scales, so
 each kept expert gets the original layer's max and the served numerics do not change with pruning.
 Anything else compressed-tensors can describe (other formats, sparsity, transforms, KV-cache or
-output quantization, mixed schemes) is refused in one line naming it.
+output quantization, mixed schemes) is refused in one line naming it. AutoFP8's per-tensor FP8
+(`fp8_tensor`) stores the keys of the float-quantized "tensor" strategy and is decoded by this class.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def dequantize_packed(packed: torch.Tensor, scale: torch.Tensor, shape: tuple[in
 
 class CompressedTensorsCodec(Codec):
     name = "compressed_tensors"
+    # how messages name the scheme (a codec that reuses this decoding, e.g. fp8_tensor, names its own)
+    scheme = "compressed-tensors"
 
     def __init__(self, config: dict, fmt: str, weights: dict, static_input: bool):
         super().__init__(config)
@@ -123,11 +126,11 @@ class CompressedTensorsCodec(Codec):
                      if c in reader]
             if stray:
                 raise MoepruneError(f"{where} holds {stray[0]} next to {key} stored as {_dtype_name(reader.dtype(key))}: "
-                                    f"inconsistent compressed-tensors checkpoint")
+                                    f"inconsistent {self.scheme} checkpoint")
             super().check(reader, key, experts)
             return
         if experts is not None:
-            raise MoepruneError(f"{key} of {where}: compressed-tensors weights fused over experts are not supported "
+            raise MoepruneError(f"{key} of {where}: {self.scheme} weights fused over experts are not supported "
                                 f"by moeprune yet (per-expert keys are)")
         if self.format == PACKED:
             self._check_packed(reader, key)
@@ -164,7 +167,7 @@ class CompressedTensorsCodec(Codec):
         zp = _companion(key, "zero_point")
         if self.symmetric and zp in reader:
             raise MoepruneError(f"{reader.folder} holds {zp} but its config_groups weights are symmetric: "
-                                f"inconsistent compressed-tensors checkpoint")
+                                f"inconsistent {self.scheme} checkpoint")
         if not self.symmetric:
             self._need(reader, key, "zero_point", (torch.int32,))
             want = (-(-rows // per_word), groups)
@@ -199,7 +202,7 @@ class CompressedTensorsCodec(Codec):
                 raise self._bad_shape(reader, inp, (), "a static per-tensor input scale")
         elif inp in reader:
             raise MoepruneError(f"{reader.folder} holds {inp} but the config's input activations are dynamic: "
-                                f"inconsistent compressed-tensors checkpoint")
+                                f"inconsistent {self.scheme} checkpoint")
 
     # ---------------------------------------------------------------- data
     def buffer_dtype(self, reader: CheckpointReader, key: str, target: torch.dtype) -> torch.dtype:
@@ -212,7 +215,7 @@ class CompressedTensorsCodec(Codec):
     def read_into(self, reader: CheckpointReader, key: str, out: torch.Tensor,
                   rows: Sequence[int] | None = None) -> None:
         if rows is not None and self.encoded(reader, key):  # check() refuses fused quantized weights
-            raise MoepruneError(f"{key} of {reader.folder}: compressed-tensors weights fused over experts are "
+            raise MoepruneError(f"{key} of {reader.folder}: {self.scheme} weights fused over experts are "
                                 f"not supported by moeprune yet")
         if not self.encoded(reader, key):
             if out.dtype == reader.dtype(key):

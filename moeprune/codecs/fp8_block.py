@@ -7,7 +7,8 @@ some Qwen releases: read from the header). Its value is code * scale of its bloc
 blocks of a shape that is not a multiple of the block (DeepSeek's 576-row kv_a_proj_with_mqa) are
 cropped. A fused expert tensor (`experts.gate_up_proj`, `gate_up_proj_scale_inv`) carries the
 expert on axis 0 of both. The block size comes from the config, never from the scale grid: a grid
-only bounds it (576 rows over 5 scale rows is not a block of 115.2).
+only bounds it (576 rows over 5 scale rows is not a block of 115.2). `quant_method: fp8` without
+`weight_block_size` (AutoFP8's per-tensor FP8) is decoded by `fp8_tensor`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import math
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import MoepruneError
 from ..reader import CheckpointReader
+from . import fp8_tensor
 from .base import Codec, _dtype_name
 
 SCALE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -30,17 +31,28 @@ def scale_key(key: str) -> str:
     return f"{key}_scale_inv"
 
 
-def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    """float32 values of an FP8 `weight` [..., R, C] whose [b0, b1] blocks are scaled by `scale_inv`."""
+def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int],
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+    """Values of an FP8 `weight` [..., R, C] whose [b0, b1] blocks are scaled by `scale_inv`, into
+    `out` (default: a new float32 tensor). Each code is exact in any float dtype, so it is cast
+    first and scaled in place, in float32, rounded once: no float32 copy of the weight is made."""
     b0, b1 = block
-    *lead, rows, cols = weight.shape
-    gr, gc = math.ceil(rows / b0), math.ceil(cols / b1)
-    w = weight.float()
-    if (rows, cols) != (gr * b0, gc * b1):  # pad to whole blocks, multiply, crop back
-        w = F.pad(w, (0, gc * b1 - cols, 0, gr * b0 - rows))
-    w = w.view(*lead, gr, b0, gc, b1)
-    w.mul_(scale_inv.float().reshape(*lead, gr, 1, gc, 1))
-    return w.view(*lead, gr * b0, gc * b1)[..., :rows, :cols]
+    out = torch.empty(weight.shape, dtype=torch.float32) if out is None else out
+    out.copy_(weight)
+    scale = scale_inv.float()
+    rows, cols = weight.shape[-2:]
+    whole_r, whole_c = rows // b0, cols // b1
+    # whole blocks, then the cropped edge blocks (DeepSeek's 576-row kv_a_proj_with_mqa): each region
+    # is split into [blocks, block] views of `out` and multiplied by its scales
+    for r, sr in ((slice(0, whole_r * b0), slice(0, whole_r)), (slice(whole_r * b0, rows), slice(whole_r, whole_r + 1))):
+        for c, sc in ((slice(0, whole_c * b1), slice(0, whole_c)), (slice(whole_c * b1, cols), slice(whole_c, whole_c + 1))):
+            part = out[..., r, c]
+            if part.numel() == 0:
+                continue
+            grid = scale[..., sr, sc]
+            view = part.unflatten(-1, (grid.shape[-1], -1)).unflatten(-3, (grid.shape[-2], -1))
+            view.mul_(grid.unsqueeze(-1).unsqueeze(-3))
+    return out
 
 
 class Fp8BlockCodec(Codec):
@@ -99,20 +111,20 @@ class Fp8BlockCodec(Codec):
             weight, scale_inv = reader.get(key), reader.get(scale)
         else:  # the expert is axis 0 of the weight and of its scale grid
             weight, scale_inv = reader.get_rows(key, rows), reader.get_rows(scale, rows)
-        out.copy_(dequantize_fp8_block(weight, scale_inv, self.block))
+        dequantize_fp8_block(weight, scale_inv, self.block, out=out)
 
 
-def from_config(config: dict, where: str) -> Fp8BlockCodec:
-    """The codec for a `quant_method: fp8` config; refuses the FP8 variants it does not decode."""
+def from_config(config: dict, where: str) -> Codec:
+    """The codec for a `quant_method: fp8` config: block FP8 with `weight_block_size`, else AutoFP8's
+    per-tensor FP8 (`fp8_tensor`); refuses the FP8 variants it does not decode."""
     fmt = str(config.get("fmt") or "e4m3").lower()
     if fmt != "e4m3":
         raise MoepruneError(f"{where}: fp8 quantization with fmt {fmt!r} is not supported by moeprune "
-                            f"(block FP8 with fmt e4m3 is)")
+                            f"(fmt e4m3 is)")
     if config.get("weight_block_size") is None:
-        raise MoepruneError(f"{where}: fp8 quantization without weight_block_size (per-tensor or per-channel "
-                            f"scales) is not supported by moeprune yet; block FP8 (weight_block_size) is")
+        return fp8_tensor.from_config(config, where)
     scheme = str(config.get("activation_scheme") or "dynamic").lower()
     if scheme != "dynamic":
-        raise MoepruneError(f"{where}: fp8 quantization with activation_scheme {scheme!r} (static input scales) "
-                            f"is not supported by moeprune yet; dynamic activations are")
+        raise MoepruneError(f"{where}: block fp8 quantization with activation_scheme {scheme!r} (static input "
+                            f"scales) is not supported by moeprune yet; dynamic activations are")
     return Fp8BlockCodec(config, where)
