@@ -7,7 +7,8 @@ of tests/hub_fixtures.py (DeepSeek-V3 FP8 + MTP, Qwen3 FP8, GPT-OSS MXFP4): `loa
 the dequantized oracle; transformers' native FP8 experts (its GPU kernels) are profiled and agree with
 the oracle's profile up to FP8 activation rounding; a native MXFP4 model is either profiled after
 transformers dequantized it or refused in one line, never recorded as nothing; and, where vLLM is
-installed, vLLM loads the FP8 and MXFP4 exports. Prints one line per case; the log goes to
+installed, vLLM loads the FP8 and MXFP4 exports. Finally layer-streamed profiling and evaluation on
+CUDA equal the whole model on CUDA. Prints one line per case; the log goes to
 benchmarks/results/ (`--no-record` to skip it). Without CUDA it refuses in one line (exit 2).
 
     python benchmarks/gpu_check.py [--results DIR] [--no-record]
@@ -85,6 +86,7 @@ def run() -> int:
                       f"  {'OK' if ok else 'FAIL'}", flush=True)
     failures += pool_check(tok)
     failures += quantized_check(tok)
+    failures += stream_check()
     print("ALL OK" if not failures else f"{failures} FAILED")
     return int(failures > 0)
 
@@ -112,6 +114,29 @@ def pool_check(tok) -> int:
                     failures += not ok
                     print(f"pool {model_type:<12} cuda  |diff| vs load_slim {d:.2e}  read {lease.bytes_read} B  "
                           f"{'OK' if ok else 'FAIL'}", flush=True)
+    return failures
+
+
+def stream_check() -> int:
+    """Layer-streamed profiling and evaluation on CUDA equal the whole model on CUDA (same device,
+    same dtype: max relative difference <= 1e-6 on every statistic, perplexity to 1e-6)."""
+    failures = 0
+    docs = ["some evaluation text here for testing perplexity, " * 3, "another document, with punctuation!"]
+    for model_type in ("qwen3_moe", "deepseek_v3", "gpt_oss"):
+        with tempfile.TemporaryDirectory() as tmp:
+            save_tiny(model_type, tmp)
+            for dtype in ("float32", "bfloat16"):
+                whole = moeprune.profile(tmp, PROMPTS, stream=False, dtype=dtype, device="cuda", batch_size=2)
+                streamed = moeprune.profile(tmp, PROMPTS, dtype=dtype, device="cuda", batch_size=2)
+                rel = max(((whole.stats[k] - streamed.stats[k]).abs().max() /
+                           whole.stats[k].abs().max().clamp(min=1e-30)).item() for k in whole.stats)
+                e_whole = moeprune.evaluate(tmp, docs, window=16, stream=False, dtype=dtype, device="cuda")
+                e_stream = moeprune.evaluate(tmp, docs, window=16, dtype=dtype, device="cuda")
+                d_eval = abs(e_whole.nll - e_stream.nll) / abs(e_whole.nll)
+                ok = rel <= 1e-6 and d_eval <= 1e-6
+                failures += not ok
+                print(f"stream {model_type:<12} {dtype:<9} cuda: profile max rel diff {rel:.2e}, "
+                      f"perplexity rel diff {d_eval:.2e}  {'OK' if ok else 'FAIL'}", flush=True)
     return failures
 
 
