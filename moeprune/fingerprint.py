@@ -35,10 +35,29 @@ def fingerprint_from_parts(config, routers: list[torch.Tensor]) -> str:
 
 
 def model_fingerprint(model) -> str:
-    """Fingerprint of a loaded (full) transformers MoE model."""
+    """Fingerprint of a loaded (full) transformers MoE model. Router weights that are not in
+    memory (accelerate's disk offload leaves them on the meta device) are read from the model's
+    checkpoint folder instead."""
     adapter = get_adapter(model)
     routers = [adapter.router(block).weight for _, block in adapter.blocks(model)]
+    if any(w.is_meta for w in routers):
+        return _checkpoint_fingerprint(model)
     return fingerprint_from_parts(model.config, routers)
+
+
+def _checkpoint_fingerprint(model) -> str:
+    import os
+
+    from .checkpoint import Checkpoint
+    from .errors import MoepruneError
+
+    folder = str(getattr(model.config, "_name_or_path", "") or "")
+    if not os.path.isdir(folder):
+        raise MoepruneError("the model's router weights are offloaded (on the meta device) and its checkpoint "
+                            f"folder is unknown ({folder or 'no _name_or_path'}): cannot fingerprint it; "
+                            "profile the checkpoint folder instead (it streams layer by layer)")
+    with Checkpoint(folder) as ckpt:
+        return ckpt.fingerprint(ckpt.read_routers())
 
 
 def source_fingerprint(model) -> str:

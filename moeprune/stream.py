@@ -62,6 +62,21 @@ def parse_bytes(value: int | str | None, what: str = "memory budget") -> int | N
     return n
 
 
+def module_bytes(module: nn.Module) -> int:
+    """Bytes a module's parameters and buffers take (each tensor once; meta tensors count their size)."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))
+
+
+def plan_memory(budget: int | None, largest_layer: int, cache_bytes: int) -> tuple[bool, bool]:
+    """(read the next layer while one computes, spill the hidden-state cache) under `budget`, which
+    the layers in flight and the cache share."""
+    if budget is None:
+        return True, False
+    prefetch = 2 * largest_layer <= budget
+    room = budget - (2 if prefetch else 1) * largest_layer
+    return prefetch, cache_bytes > room
+
+
 def _human(n: int) -> str:
     return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 2**20:.1f} MiB"
 
@@ -243,8 +258,7 @@ class LayerStream:
     # ------------------------------------------------------------------ sizes
     def layer_bytes(self, i: int) -> int:
         """Bytes decoder layer i takes in memory (compute dtype; what the skeleton holds)."""
-        layer = self.layers[i]
-        return sum(t.numel() * t.element_size() for t in (*layer.parameters(), *layer.buffers()))
+        return module_bytes(self.layers[i])
 
     # ------------------------------------------------------------------ lifetime
     def close(self) -> None:
@@ -357,9 +371,4 @@ class LayerStream:
 
     def _plan_memory(self, cache_bytes: int) -> tuple[bool, bool]:
         """(read the next layer while one computes, spill the hidden-state cache) under the budget."""
-        if self.budget is None:
-            return True, False
-        largest = self.report.largest_layer
-        prefetch = 2 * largest <= self.budget
-        room = self.budget - (2 if prefetch else 1) * largest
-        return prefetch, cache_bytes > room
+        return plan_memory(self.budget, self.report.largest_layer, cache_bytes)

@@ -172,3 +172,19 @@ def test_truncated_shard_refuses(folders, tmp_path):
     data = shard.read_bytes()
     shard.write_bytes(data[: len(data) - 100])
     raises_one_line(lambda: moeprune.profile(folder, PROMPTS), shard.name)
+
+
+def test_fingerprint_of_an_offloaded_model_comes_from_its_checkpoint(folders):
+    """accelerate's disk offload leaves router weights on the meta device: the fingerprint is then
+    read from the model's checkpoint folder, and a model without one is refused in one line."""
+    from moeprune.fingerprint import model_fingerprint
+    from moeprune.models import load_model
+
+    model = load_model(folders["deepseek_v3"])[0]
+    want = model_fingerprint(model)
+    adapter = moeprune.get_adapter(model)
+    router = adapter.router(adapter.blocks(model)[0][1])
+    router.weight = torch.nn.Parameter(router.weight.to("meta"), requires_grad=False)
+    assert model_fingerprint(model) == want
+    model.config._name_or_path = ""
+    raises_one_line(lambda: model_fingerprint(model), "offloaded")
