@@ -4,7 +4,7 @@ Two kinds, both averaged over a text's real tokens at the first MoE layer:
 - `router`: the router's probability over experts (what PreMoe indexes);
 - `hidden`: the hidden state entering that router.
 Only the layers up to the first MoE router run: the forward stops there, so a slim model (or a
-model whose later layers are not even loaded) embeds queries just as well.
+model whose later layers are not even loaded: `load_signature_model`) embeds queries just as well.
 """
 
 from __future__ import annotations
@@ -40,6 +40,42 @@ def profile_signatures(profile, kind: str) -> torch.Tensor:
                                 "profile again or use the router signature")
         return profile.hidden_signatures.float()
     raise MoepruneError(f"unknown signature kind {kind!r}; choose one of {', '.join(KINDS)}")
+
+
+def load_signature_model(model_path, dtype=None, device: str | torch.device = "cpu") -> nn.Module:
+    """A model of `model_path` that holds only what runs up to the first MoE router (the embedding,
+    the layers before it, that layer's attention, norms and router), read through the byte-range
+    reader: a few percent of the model, enough for `embed` (its forward stops at that router).
+    Everything else stays on the meta device; the model carries the checkpoint's fingerprint."""
+    from ..checkpoint import Checkpoint, run_reads
+
+    with Checkpoint(model_path) as ckpt:
+        routers = ckpt.read_routers()
+        first = ckpt.layers[0]
+        model, _ = ckpt.slim_skeleton({layer: list(range(ckpt.num_experts)) for layer in ckpt.layers},
+                                      ckpt.dtype(dtype), routers)
+        adapter = ckpt.adapter
+        later = tuple(f"{name}." for name, m in model.named_modules()
+                      if any(m is layer for layer in adapter.decoder_layers(model)[first + 1:]))
+        head = model.get_output_embeddings()
+        head_names = {f"{n}.{p}" for n, m in model.named_modules() if m is head for p, _ in m.named_parameters()}
+        experts = set(adapter.fused_keys(first))
+        plan, _ = ckpt.backbone_plan(model, {n for layer in ckpt.layers for n in adapter.fused_keys(layer)}
+                                     | set(routers))
+        wanted = [r for r in plan if not r.name.startswith(later) and r.name not in head_names | experts]
+        buffers, jobs = ckpt.plan_reads(wanted)
+        run_reads(jobs, 4)
+        buffers.update({n: routers[n] for n in adapter.router_keys(first) if n in routers})
+        ckpt.fill(model, {n: t.to(device) for n, t in buffers.items()})
+        fingerprint = ckpt.fingerprint(routers)
+    for module in model.modules():  # tables computed at construction (rotary): to the device too
+        for name, buf in module._buffers.items():
+            if buf is not None and not buf.is_meta:
+                module._buffers[name] = buf.to(device)
+    model.eval()
+    model.config._name_or_path = str(ckpt.folder)
+    model.moeprune_source_fingerprint = fingerprint
+    return model
 
 
 @torch.no_grad()
