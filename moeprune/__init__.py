@@ -1,6 +1,7 @@
 """moeprune: keep only the experts a task needs."""
 
 from .errors import FormatVersionError, MoepruneError, PromptError, UnsupportedModelError
+from .estimate import Estimate, estimate
 from .evaluate import EvalResult, evaluate
 from .exporter import export
 from .pattern import Diagnostics, Pattern, diagnose, select_union
@@ -13,7 +14,9 @@ from .version import __version__
 __all__ = [
     "CRITERIA",
     "Diagnostics",
+    "Estimate",
     "EvalResult",
+    "estimate",
     "evaluate",
     "Pattern",
     "diagnose",

@@ -136,6 +136,15 @@ def _add_stream_options(p) -> None:
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where each layer runs")
 
 
+def _cmd_estimate(args) -> int:
+    from .estimate import estimate, format_estimate
+
+    est = estimate(args.model, pattern=args.pattern, prompts=args.prompts, tokens=args.tokens, dtype=args.dtype,
+                   memory_budget=args.memory_budget)
+    print(format_estimate(est, args.pattern))
+    return 0
+
+
 def _cmd_eval(args) -> int:
     from .evaluate import evaluate
 
@@ -348,6 +357,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_stream_options(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("estimate", help="memory and disk a model's profiling, slim model and export will need "
+                                        "(reads headers only)")
+    p.add_argument("model", help="checkpoint folder (or a cached hub id)")
+    p.add_argument("--pattern", help="pattern .json: also size its slim model and export")
+    p.add_argument("--prompts", type=int, default=64, help="prompts to profile (default 64)")
+    p.add_argument("--tokens", type=int, default=None,
+                   help="tokens per prompt (default 512, or the model's context if shorter)")
+    p.add_argument("--dtype", default="auto", help="compute dtype: float32, bfloat16, float16 or auto (the checkpoint's)")
+    p.add_argument("--memory-budget", default=None,
+                   help="bytes the layers in flight and the activations may take (e.g. 8GB): say what fits")
+    p.set_defaults(func=_cmd_estimate)
 
     p = sub.add_parser("demo", help="run the main job end to end on the bundled demo MoE (offline, ~10 s)")
     p.add_argument("-o", "--output", help="keep the exported checkpoint here (default: a temporary folder)")

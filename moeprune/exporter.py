@@ -260,6 +260,7 @@ def _config_json(data: dict, adapter: MoEAdapter, config, pattern: Pattern, rout
         "fingerprint": pattern.fingerprint,
         "pruned_fingerprint": fingerprint_from_parts(adapter.sliced_config(config, count), pruned),
         "domains": pattern.meta.get("domains") or [],
+        "pattern_digest": pattern.digest,  # which experts: tells a deployment whether this export is stale
         "moeprune_version": __version__,
     }
     return data

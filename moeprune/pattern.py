@@ -12,6 +12,7 @@ every group keeps the same count.
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import math
 import operator
 import os
@@ -92,6 +93,15 @@ class Pattern:
     @property
     def fingerprint(self) -> str | None:
         return self.meta.get("fingerprint")
+
+    @property
+    def digest(self) -> str:
+        """A hash of which experts are kept, and of which model: equal digests, equal pruned models."""
+        import hashlib
+
+        data = json.dumps({"fingerprint": self.fingerprint, "kept": {str(k): v for k, v in sorted(self.kept.items())}},
+                          sort_keys=True)
+        return "sha256:" + hashlib.sha256(data.encode()).hexdigest()[:32]
 
     @property
     def kept_fraction(self) -> float:

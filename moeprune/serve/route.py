@@ -1,0 +1,527 @@
+"""`moeprune route`: an OpenAI-compatible front that retrieves each request's pattern and proxies
+it to the upstream server (vLLM, SGLang, `moeprune serve`, ...) that serves that pattern's export.
+
+vLLM cannot mask experts per request inside one batch, so per-request retrieval sits in front of
+it: one upstream per stored pattern, plus a fallback (the full model, or a wide union pattern) for
+queries that match none. The front holds only a *signature model* (the layers up to the first
+MoE router, `load_signature_model`) and the pattern store. It keeps the serving front's shape: the
+same `Gate` (body limit, constant-time API key, route-template metric labels), model ids (`base`,
+`base:<pattern>` to pin, `base:full` for the fallback), `x-moeprune-pattern` / `-fallback`
+headers and `moeprune` field. Everything else in a request is the upstream's business: the body
+goes through with only `model` rewritten to the upstream's own id, and a streamed response comes
+back byte for byte. Upstreams are health-checked in the background: a down one gets a 503 that
+names it, at once, and a request never waits longer than the connect timeout to learn it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+
+import httpx2 as httpx
+from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from ..errors import MoepruneError
+from .protocol import APIError, parse_json, retrieval_query
+from .server import ROUTES, Gate, _client_gone, check_port, is_loopback
+
+log = logging.getLogger("moeprune")
+
+FALLBACK = "fallback"
+
+
+@dataclass
+class RouteConfig:
+    """What the front serves and how it reaches its upstreams. `upstreams`: pattern name -> base URL
+    (ending in /v1); `fallback`: the base URL for queries that match no served pattern."""
+
+    model_name: str
+    upstreams: dict[str, str]
+    fallback: str | None = None
+    api_key: str | None = None
+    upstream_api_key: str | None = None  # sent to the upstreams as a bearer token
+    max_body_bytes: int = 4 * 2**20
+    max_in_flight: int = 256  # requests being proxied at once; beyond it: 429
+    connect_timeout: float = 3.0
+    read_timeout: float = 600.0
+    health_interval: float = 5.0
+
+    def __post_init__(self) -> None:
+        if not self.upstreams and not self.fallback:
+            raise MoepruneError("give at least one upstream (--upstream NAME=URL) or a --fallback URL")
+        for name, url in [*self.upstreams.items(), *([(FALLBACK, self.fallback)] if self.fallback else [])]:
+            check_url(url, name)
+        if FALLBACK in self.upstreams or "full" in self.upstreams:
+            raise MoepruneError("'fallback' and 'full' name the fallback upstream; give it with --fallback URL")
+        for name in ("max_body_bytes", "max_in_flight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MoepruneError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        for name in ("connect_timeout", "read_timeout", "health_interval"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise MoepruneError(f"{name.replace('_', '-')} must be a positive number of seconds, got {value!r}")
+
+
+def check_url(url: object, name: str) -> str:
+    """An upstream's OpenAI base URL: http(s)://host[:port]/.../v1."""
+    if not isinstance(url, str):
+        raise MoepruneError(f"upstream {name}: the URL must be a string, got {url!r}")
+    try:
+        parsed = httpx.URL(url)
+    except Exception:
+        raise MoepruneError(f"upstream {name}: {url!r} is not a URL") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise MoepruneError(f"upstream {name}: {url!r} is not an http(s) URL")
+    if not parsed.path.rstrip("/").endswith("/v1"):
+        raise MoepruneError(f"upstream {name}: {url!r} must be the OpenAI base URL, ending in /v1")
+    return url
+
+
+def parse_upstreams(items: list[str]) -> dict[str, str]:
+    """`NAME=URL` items of the command line as a dict; a repeated or malformed one is refused."""
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, url = item.partition("=")
+        if not sep or not name or not url:
+            raise MoepruneError(f"--upstream takes NAME=URL (a stored pattern and its server's /v1 URL), got {item!r}")
+        if name in out:
+            raise MoepruneError(f"--upstream {name} is given twice")
+        out[name] = url
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- upstreams
+@dataclass
+class Upstream:
+    """One OpenAI-compatible server: the pattern it serves (`name`), its base URL, and what the
+    health checker last learnt: its served model id, and whether it answered."""
+
+    name: str
+    url: str
+    model_id: str | None = None
+    healthy: bool = False
+    problem: str = "not checked yet"
+    checked: float = 0.0
+
+    def endpoint(self, path: str) -> str:
+        return self.url.rstrip("/") + path
+
+    def down(self, problem: str) -> APIError:
+        self.healthy, self.problem = False, problem
+        return self.unavailable()
+
+    def unavailable(self) -> APIError:
+        return APIError(503, f"upstream {self.name} ({self.url}) is unavailable: {self.problem}", "server_error",
+                        "upstream_unavailable")
+
+
+def _metrics():
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    reg = CollectorRegistry()
+    return {
+        "registry": reg,
+        "requests": Counter("moeprune_requests", "HTTP responses by route template and status",
+                            ["endpoint", "status"], registry=reg),
+        "latency": Histogram("moeprune_request_latency_seconds", "Request latency", ["endpoint"], registry=reg),
+        # label values are upstream names from the configuration, never from a client
+        "retrievals": Counter("moeprune_retrievals", "Requests routed, by upstream and how", ["upstream", "fell_back"],
+                              registry=reg),
+        "upstream_latency": Histogram("moeprune_upstream_latency_seconds",
+                                      "Time to the upstream's response headers", ["upstream"], registry=reg),
+        "upstream_errors": Counter("moeprune_upstream_errors", "Upstream failures and error responses",
+                                   ["upstream", "kind"], registry=reg),
+        "healthy": Gauge("moeprune_upstream_healthy", "1 if the upstream answered its last health check",
+                         ["upstream"], registry=reg),
+        "in_flight": Gauge("moeprune_requests_in_flight", "Requests being proxied", registry=reg),
+        "retrieval_seconds": Histogram("moeprune_retrieval_seconds", "Signature and store search time",
+                                       registry=reg),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- routing
+@dataclass
+class Route:
+    upstream: Upstream
+    name: str  # the pattern served ("fallback" for the fallback upstream)
+    fell_back: bool
+    details: dict = field(default_factory=dict)
+
+    def info(self) -> dict:
+        return {"pattern": self.name, "fell_back": self.fell_back, "upstream": self.upstream.name, **self.details}
+
+
+class Router:
+    """Chooses each request's upstream: pinned by the model id, or retrieved from its text."""
+
+    def __init__(self, store, signature_model, tokenizer, config: RouteConfig):
+        self.store, self.model, self.tok, self.config = store, signature_model, tokenizer, config
+        self.upstreams = {name: Upstream(name, url) for name, url in config.upstreams.items()}
+        self.fallback = Upstream(FALLBACK, config.fallback) if config.fallback else None
+        for name in self.upstreams:
+            if name not in store.names():
+                raise MoepruneError(f"--upstream {name}: the store {store.path} holds no pattern {name!r} "
+                                    f"(it holds {', '.join(store.names()) or 'none'})")
+
+    def all(self) -> list[Upstream]:
+        return [*self.upstreams.values(), *([self.fallback] if self.fallback else [])]
+
+    def model_ids(self) -> list[str]:
+        base = self.config.model_name
+        return [base, *([f"{base}:full"] if self.fallback else []), *(f"{base}:{n}" for n in self.upstreams)]
+
+    def choose(self, model_field: str | None, queries: list) -> Route:
+        base = self.config.model_name
+        head, _, name = (model_field or base).partition(":")
+        if head != base:
+            raise APIError(404, f"unknown model {model_field!r}; this server serves {base!r} (see GET /v1/models)",
+                           code="model_not_found", param="model")
+        if name == "full":
+            if self.fallback is None:
+                raise APIError(404, "this front has no fallback upstream serving the full model",
+                               code="model_not_found", param="model")
+            return Route(self.fallback, FALLBACK, False, {"reason": "requested"})
+        if name:
+            if name not in self.upstreams:
+                raise APIError(404, f"no upstream serves pattern {name!r}; see GET /v1/models",
+                               code="model_not_found", param="model")
+            return Route(self.upstreams[name], name, False, {"reason": "pinned"})
+        return self._retrieve(queries)
+
+    def _retrieve(self, queries: list) -> Route:
+        try:
+            matches = self.store.search_many(queries, self.model, self.tok)
+        except MoepruneError as e:
+            raise APIError(503, f"pattern retrieval failed: {e}", "server_error", "retrieval_failed") from None
+        names = {m.name for m in matches if not m.fell_back}
+        first = matches[0]
+        details = {"reason": first.reason, "score": round(first.score, 4), "confidence": round(first.confidence, 4),
+                   "runner_up": first.runner_up}
+        if any(m.fell_back for m in matches) or len(names) != 1:
+            why = first.reason if first.fell_back else "the request's prompts retrieved different patterns"
+            return self._fall_back({**details, "reason": why})
+        name = names.pop()
+        if name not in self.upstreams:
+            return self._fall_back({**details, "reason": f"retrieved {name}, which no upstream serves",
+                                    "retrieved": name})
+        return Route(self.upstreams[name], name, False, details)
+
+    def _fall_back(self, details: dict) -> Route:
+        if self.fallback is None:
+            raise APIError(503, f"no upstream for this request ({details['reason']}) and no fallback upstream",
+                           "server_error", "no_upstream")
+        return Route(self.fallback, FALLBACK, True, details)
+
+
+def _queries(body: dict, chat: bool) -> list:
+    """The texts retrieval searches with: checked just enough to route; the rest is the upstream's."""
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise APIError(400, "messages must be a non-empty list of {role, content} objects", param="messages")
+        turns = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+                raise APIError(400, f"messages[{i}] must be an object with a role", param=f"messages[{i}]")
+            content = m.get("content")
+            if isinstance(content, list):  # parts: their text
+                content = "".join(p.get("text", "") for p in content if isinstance(p, dict))
+            turns.append({"role": m["role"], "content": content if isinstance(content, str) else ""})
+        query = retrieval_query(turns)
+        if not query.strip():
+            raise APIError(400, "the messages hold no text to route by", param="messages")
+        return [query]
+    prompt = body.get("prompt")
+    prompts = [prompt] if isinstance(prompt, str) or _token_ids(prompt) else prompt
+    if not isinstance(prompts, list) or not prompts or not all(isinstance(p, str) or _token_ids(p) for p in prompts):
+        raise APIError(400, "prompt must be a string, a list of strings, or token ids", param="prompt")
+    return prompts
+
+
+def _token_ids(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool)
+                                                           for t in value)
+
+
+# ---------------------------------------------------------------------------------------------- the app
+class Front:
+    """The proxying service: health checks, routing, forwarding."""
+
+    def __init__(self, router: Router, config: RouteConfig, metrics: dict, client: httpx.AsyncClient | None = None):
+        self.router, self.config, self.metrics = router, config, metrics
+        timeout = httpx.Timeout(config.read_timeout, connect=config.connect_timeout)
+        self.client = client or httpx.AsyncClient(timeout=timeout)
+        self._own_client = client is None
+        self.in_flight = 0
+        self._checker: asyncio.Task | None = None
+
+    def _headers(self) -> dict:
+        key = self.config.upstream_api_key
+        return {"authorization": f"Bearer {key}"} if key else {}
+
+    # -------------------------------------------------------------- health
+    async def check(self, upstream: Upstream) -> None:
+        try:
+            r = await self.client.get(upstream.endpoint("/models"), headers=self._headers(),
+                                      timeout=self.config.connect_timeout)
+            data = r.json().get("data") if r.status_code == 200 else None
+            ids = [m.get("id") for m in data if isinstance(m, dict)] if isinstance(data, list) else []
+            if r.status_code != 200 or not ids or not isinstance(ids[0], str):
+                upstream.down(f"GET /v1/models answered {r.status_code} without a model id")
+            else:
+                upstream.model_id, upstream.healthy, upstream.problem = ids[0], True, ""
+        except (httpx.HTTPError, ValueError, AttributeError) as e:
+            upstream.down(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
+        upstream.checked = time.monotonic()
+        self.metrics["healthy"].labels(upstream.name).set(1 if upstream.healthy else 0)
+
+    async def check_all(self) -> None:
+        await asyncio.gather(*(self.check(u) for u in self.router.all()))
+
+    async def _keep_checking(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.health_interval)
+            await self.check_all()
+
+    async def start(self) -> None:
+        await self.check_all()
+        for u in self.router.all():
+            if not u.healthy:
+                log.warning("moeprune route: upstream %s (%s) is not answering yet: %s", u.name, u.url, u.problem)
+        self._checker = asyncio.create_task(self._keep_checking())
+
+    async def stop(self) -> None:
+        if self._checker is not None:
+            self._checker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._checker
+        if self._own_client:
+            await self.client.aclose()
+
+    # -------------------------------------------------------------- proxy
+    async def forward(self, request: Request, path: str, body: dict, route: Route) -> Response:
+        up = route.upstream
+        if not up.healthy or up.model_id is None:
+            self.metrics["upstream_errors"].labels(up.name, "down").inc()
+            raise up.unavailable()
+        if self.in_flight >= self.config.max_in_flight:
+            raise APIError(429, f"the front is proxying {self.in_flight} requests, its limit; retry shortly",
+                           "rate_limit_error", "too_many_requests")
+        self.in_flight += 1
+        self.metrics["in_flight"].set(self.in_flight)
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.in_flight -= 1
+                self.metrics["in_flight"].set(self.in_flight)
+
+        try:
+            response = await self._forward(request, path, {**body, "model": up.model_id}, route, release)
+        except BaseException:
+            release()
+            raise
+        if not isinstance(response, StreamingResponse):  # a stream releases when it ends
+            release()
+        return response
+
+    async def _forward(self, request: Request, path: str, body: dict, route: Route, release) -> Response:
+        up = route.upstream
+        headers = {"x-moeprune-pattern": route.name, "x-moeprune-fallback": str(route.fell_back).lower(),
+                   "x-moeprune-upstream": up.name}
+        req = self.client.build_request("POST", up.endpoint(path), json=body,
+                                        headers={**self._headers(), "accept": request.headers.get("accept", "*/*")})
+        t0 = time.perf_counter()
+        sending = asyncio.ensure_future(self.client.send(req, stream=True))
+        gone = asyncio.ensure_future(_client_gone(request))
+        try:
+            done, _ = await asyncio.wait({sending, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if sending not in done:  # the client left before the upstream answered: cancel the upstream request
+                response = await _cancel(sending)
+                if response is not None:  # it answered just as the client left
+                    await response.aclose()
+                release()
+                return Response(status_code=499)
+            resp = sending.result()
+        except httpx.TimeoutException as e:
+            self.metrics["upstream_errors"].labels(up.name, "timeout").inc()
+            raise APIError(504, f"upstream {up.name} ({up.url}) did not answer in time: {type(e).__name__}",
+                           "server_error", "upstream_timeout") from None
+        except httpx.HTTPError as e:
+            self.metrics["upstream_errors"].labels(up.name, "unreachable").inc()
+            raise up.down(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__) from None
+        finally:
+            if not gone.done():
+                gone.cancel()
+        self.metrics["upstream_latency"].labels(up.name).observe(time.perf_counter() - t0)
+        if resp.status_code >= 400:
+            self.metrics["upstream_errors"].labels(up.name, str(resp.status_code)).inc()
+        if body.get("stream") is True and resp.status_code == 200:
+            async def chunks():
+                try:
+                    async for chunk in resp.aiter_raw():
+                        yield chunk
+                finally:  # also when the client goes away mid-stream: the upstream connection closes
+                    await resp.aclose()
+                    release()
+
+            return StreamingResponse(chunks(), status_code=200, headers=headers,
+                                     media_type=resp.headers.get("content-type", "text/event-stream"))
+        try:
+            raw = await _read_or_leave(request, resp)
+        finally:
+            await resp.aclose()
+            release()
+        if raw is None:
+            return Response(status_code=499)
+        kind = resp.headers.get("content-type", "application/json")
+        if resp.status_code == 200 and kind.startswith("application/json"):
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                data = None
+            if isinstance(data, dict):
+                data["moeprune"] = route.info()
+                return JSONResponse(data, headers=headers)
+        return Response(raw, status_code=resp.status_code, media_type=kind, headers=headers)
+
+
+async def _read_or_leave(request: Request, resp) -> bytes | None:
+    """The upstream's whole body, or None when the client disconnects first (the read is cancelled)."""
+    reading = asyncio.ensure_future(resp.aread())
+    gone = asyncio.ensure_future(_client_gone(request))
+    done, _ = await asyncio.wait({reading, gone}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (reading, gone):
+        if task not in done:
+            await _cancel(task)
+    return reading.result() if reading in done else None
+
+
+async def _cancel(task: asyncio.Future):
+    """Cancel `task` and wait until it has stopped (a cancellation of the caller still propagates);
+    its result if it finished first, else None."""
+    task.cancel()
+    await asyncio.wait({task})
+    if task.cancelled() or task.exception() is not None:
+        return None
+    return task.result()
+
+
+def create_route_app(router: Router, config: RouteConfig, client: httpx.AsyncClient | None = None):
+    """The ASGI application of the front (FastAPI behind the same Gate as `moeprune serve`)."""
+    from contextlib import asynccontextmanager
+
+    metrics = _metrics()
+    front = Front(router, config, metrics, client)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        await front.start()
+        yield
+        await front.stop()
+
+    app = FastAPI(title="moeprune route", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+    app.state.front = front
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        if e.status_code == 404:
+            message = f"no route {request.method} {request.url.path}; this server serves {', '.join(ROUTES)}"
+            return JSONResponse(APIError(404, message, code="not_found").body(), status_code=404)
+        if e.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+            return JSONResponse(APIError(405, message, code="method_not_allowed").body(), status_code=405)
+        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+    @app.get("/health")
+    async def health():
+        ups = {u.name: {"url": u.url, "healthy": u.healthy, "model": u.model_id, **({"problem": u.problem}
+                                                                                    if not u.healthy else {})}
+               for u in router.all()}
+        ok = all(u.healthy for u in router.all())
+        return JSONResponse({"status": "ok" if ok else "degraded", "upstreams": ups})
+
+    @app.get("/v1/models")
+    async def models():
+        now = int(time.time())
+        return {"object": "list", "data": [{"id": i, "object": "model", "created": now, "owned_by": "moeprune"}
+                                           for i in router.model_ids()]}
+
+    @app.get("/metrics")
+    async def metrics_route():
+        from prometheus_client import generate_latest
+
+        return PlainTextResponse(generate_latest(metrics["registry"]).decode(), media_type="text/plain; version=0.0.4")
+
+    async def handle(request: Request, path: str, chat: bool) -> Response:
+        body = parse_json(await request.body())
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise APIError(400, f"model must be a string, got {type(model).__name__}", param="model")
+        stream = body.get("stream", False)
+        if stream is not None and not isinstance(stream, bool):
+            raise APIError(400, "stream must be true or false", param="stream")
+        queries = _queries(body, chat)
+        t0 = time.perf_counter()
+        if (model or config.model_name).partition(":")[2]:
+            route = router.choose(model, queries)
+        else:
+            route = await run_in_threadpool(router.choose, model, queries)
+            metrics["retrieval_seconds"].observe(time.perf_counter() - t0)
+        metrics["retrievals"].labels(route.upstream.name, str(route.fell_back).lower()).inc()
+        return await front.forward(request, path, body, route)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await handle(request, "/completions", chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request):
+        return await handle(request, "/chat/completions", chat=True)
+
+    return Gate(app, config, metrics)
+
+
+def route(model: str, store_path: str, upstreams: dict[str, str], fallback: str | None = None,
+          host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, upstream_api_key: str | None = None,
+          dtype=None, log_level: str = "info") -> None:
+    """Load the signature model and the store and run the front until Ctrl-C."""
+    import os
+    import sys
+
+    import uvicorn
+
+    from ..models import load_tokenizer
+    from ..store import PatternStore
+    from ..store.signature import load_signature_model
+
+    check_port(port)
+    api_key = api_key or os.environ.get("MOEPRUNE_API_KEY")
+    name = os.path.basename(os.path.normpath(str(model))) or "model"
+    config = RouteConfig(model_name=name, upstreams=upstreams, fallback=fallback, api_key=api_key,
+                         upstream_api_key=upstream_api_key)
+    store = PatternStore(store_path, on_corrupt="skip")
+    store.info()  # fail fast on a missing or broken store
+    if not is_loopback(host) and not api_key:
+        print(f"moeprune: warning: routing on {host} without an API key: anyone who can reach this address can "
+              f"use the upstreams (set --api-key or MOEPRUNE_API_KEY)", file=sys.stderr)
+    signature_model = load_signature_model(model, dtype=dtype)
+    if signature_model.moeprune_source_fingerprint != store.manifest["fingerprint"]:
+        raise MoepruneError(f"the store {store_path} holds patterns of another model")
+    router = Router(store, signature_model, load_tokenizer(model), config)
+    uvicorn.run(create_route_app(router, config), host=host, port=port, log_level=log_level,
+                timeout_graceful_shutdown=30)
