@@ -273,6 +273,24 @@ def _cmd_serve(args) -> int:
     return 0
 
 
+def _cmd_route(args) -> int:
+    from .serve.route import parse_upstreams, route
+
+    route(args.model, args.store, parse_upstreams(args.upstream or []), args.fallback, host=args.host,
+          port=args.port, api_key=args.api_key, upstream_api_key=args.upstream_api_key, dtype=args.dtype)
+    return 0
+
+
+def _cmd_deploy(args) -> int:
+    from .serve.deploy import deploy
+
+    patterns = [n.strip() for n in args.patterns.split(",") if n.strip()] if args.patterns else None
+    deploy(args.store, args.model, args.exports, engine=args.engine, engine_args=args.engine_args,
+           base_port=args.base_port, patterns=patterns, fallback=not args.no_fallback, host=args.host,
+           port=args.port, api_key=args.api_key, dtype=args.dtype, progress=not args.quiet)
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but a usage error is one line (and the usage is one `--help` away)."""
 
@@ -427,6 +445,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     p.add_argument("--dtype", default=None)
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("route", help="OpenAI-compatible front that routes each request to its pattern's server")
+    p.add_argument("model", help="checkpoint folder (only the layers up to the first MoE router are loaded)")
+    p.add_argument("--store", required=True, help="pattern store of this model")
+    p.add_argument("--upstream", action="append", metavar="NAME=URL",
+                   help="a stored pattern and the OpenAI base URL (ending in /v1) of the server of its export; repeat")
+    p.add_argument("--fallback", metavar="URL", help="server for queries that match no served pattern (the full model)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require Authorization: Bearer KEY (or set MOEPRUNE_API_KEY)")
+    p.add_argument("--upstream-api-key", help="bearer token sent to the upstreams")
+    p.add_argument("--dtype", default=None)
+    p.set_defaults(func=_cmd_route)
+
+    p = sub.add_parser("deploy", help="serve every stored pattern's export on its own engine, behind the front",
+                       usage="moeprune deploy STORE MODEL --exports DIR [options] [-- ENGINE ARGS...]")
+    p.add_argument("store", help="pattern store")
+    p.add_argument("model", help="source checkpoint folder (also served whole as the fallback)")
+    p.add_argument("--exports", required=True, help="folder for the exports (reused while the patterns are unchanged)")
+    p.add_argument("--engine", default="vllm",
+                   help="'vllm' (vllm serve), or a command template with {model} and {port} (and {name}, {python})")
+    p.add_argument("--patterns", help="comma-separated stored patterns to serve (default: all)")
+    p.add_argument("--no-fallback", action="store_true", help="no full-model server for unmatched queries")
+    p.add_argument("--base-port", type=int, default=8100, help="first loopback port of the engines")
+    p.add_argument("--host", default="127.0.0.1", help="the front's bind address")
+    p.add_argument("--port", type=int, default=8000, help="the front's port")
+    p.add_argument("--api-key", help="the front requires Authorization: Bearer KEY (or set MOEPRUNE_API_KEY)")
+    p.add_argument("--dtype", default=None, help="of the front's signature model")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_deploy, engine_args=[])
     _verbose_everywhere(sub)
     return parser
 
@@ -476,7 +524,14 @@ def _print_debug(e: BaseException) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    passed: list[str] = []
+    if argv[:1] == ["deploy"] and "--" in argv:  # the engine's own arguments, passed through untouched
+        cut = argv.index("--")
+        argv, passed = argv[:cut], argv[cut + 1:]
     args = parser.parse_args(argv)
+    if passed:
+        args.engine_args = passed
     try:
         _quiet_libraries(args.verbose)
         _show_notes()
