@@ -448,3 +448,24 @@ def _remove_old(old: Path) -> None:
         old.unlink(missing_ok=True)
     else:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_LIBC: object = None
+
+
+def release_freed_memory() -> None:
+    """Return the memory glibc's allocator keeps after frees to the system (`malloc_trim`): streaming
+    frees a whole layer at a time, and without this the process keeps growing by about a layer per
+    layer. A no-op where the C library is not glibc."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC = libc if hasattr(libc, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if _LIBC:
+        _LIBC.malloc_trim(0)

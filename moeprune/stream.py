@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._io import release_freed_memory
 from .checkpoint import Checkpoint, Read, run_reads, tied_names
 from .errors import MoepruneError
 from .pattern import Pattern
@@ -293,6 +294,7 @@ class LayerStream:
 
     def _free(self, module: nn.Module) -> None:
         module.to("meta")
+        release_freed_memory()
 
     def _outer(self, keep: Callable[[str], bool]) -> list[Read]:
         return [r for r in self._outer_plan if keep(r.name)]

@@ -41,17 +41,18 @@ def dequantize_fp8_block(weight: torch.Tensor, scale_inv: torch.Tensor, block: t
     out.copy_(weight)
     scale = scale_inv.float()
     rows, cols = weight.shape[-2:]
-    whole_r, whole_c = rows // b0, cols // b1
-    # whole blocks, then the cropped edge blocks (DeepSeek's 576-row kv_a_proj_with_mqa): each region
-    # is split into [blocks, block] views of `out` and multiplied by its scales
-    for r, sr in ((slice(0, whole_r * b0), slice(0, whole_r)), (slice(whole_r * b0, rows), slice(whole_r, whole_r + 1))):
-        for c, sc in ((slice(0, whole_c * b1), slice(0, whole_c)), (slice(whole_c * b1, cols), slice(whole_c, whole_c + 1))):
-            part = out[..., r, c]
-            if part.numel() == 0:
-                continue
-            grid = scale[..., sr, sc]
-            view = part.unflatten(-1, (grid.shape[-1], -1)).unflatten(-3, (grid.shape[-2], -1))
-            view.mul_(grid.unsqueeze(-1).unsqueeze(-3))
+    whole_c = cols // b1
+    flat, grid = out.view(-1, rows, cols), scale.reshape(-1, *scale.shape[-2:])
+    # one block row at a time: scaling a float16/bfloat16 `out` by float32 scales computes through a
+    # float32 temporary of the region, which stays a block row (whole tensors left the allocator holding
+    # freed temporaries in every reading thread); edge blocks (DeepSeek's 576 rows) are cropped
+    for m in range(flat.shape[0]):
+        for i in range(grid.shape[-2]):
+            band, s = flat[m, i * b0:(i + 1) * b0], grid[m, i]
+            if whole_c:
+                band[:, :whole_c * b1].unflatten(-1, (whole_c, b1)).mul_(s[:whole_c, None])
+            if whole_c * b1 < cols:
+                band[:, whole_c * b1:].mul_(s[whole_c])
     return out
 
 
