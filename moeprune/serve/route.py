@@ -498,8 +498,9 @@ def create_route_app(router: Router, config: RouteConfig, client: httpx.AsyncCli
 
 def route(model: str, store_path: str, upstreams: dict[str, str], fallback: str | None = None,
           host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, upstream_api_key: str | None = None,
-          dtype=None, log_level: str = "info") -> None:
-    """Load the signature model and the store and run the front until Ctrl-C."""
+          dtype=None, device: str = "cpu", threads: int | None = None, log_level: str = "info") -> None:
+    """Load the signature model (on `device`) and the store and run the front until Ctrl-C. `threads`:
+    torch's CPU threads for retrieval (fewer than the cores keeps a busy front's retrievals short)."""
     import os
     import sys
 
@@ -519,7 +520,13 @@ def route(model: str, store_path: str, upstreams: dict[str, str], fallback: str 
     if not is_loopback(host) and not api_key:
         print(f"moeprune: warning: routing on {host} without an API key: anyone who can reach this address can "
               f"use the upstreams (set --api-key or MOEPRUNE_API_KEY)", file=sys.stderr)
-    signature_model = load_signature_model(model, dtype=dtype)
+    if threads is not None:
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise MoepruneError(f"--threads must be an integer >= 1, got {threads!r}")
+        import torch
+
+        torch.set_num_threads(threads)
+    signature_model = load_signature_model(model, dtype=dtype, device=device)
     if signature_model.moeprune_source_fingerprint != store.manifest["fingerprint"]:
         raise MoepruneError(f"the store {store_path} holds patterns of another model")
     router = Router(store, signature_model, load_tokenizer(model), config)
