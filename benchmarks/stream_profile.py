@@ -26,6 +26,9 @@ safetensors headers). Before the runs the checkpoint is read once, so a VM host'
 guest cannot drop) is equally warm for every run; `--no-warmup` skips that. Cases run round-robin
 `--repeats` times; the table shows medians.
 
+Before its call each child profiles a one-layer model of the same family the same way (`warm_up`), so the
+RSS before the call is the process floor (code, tokenizer, thread pools) rather than a bare interpreter.
+
 Targets (streamed cases): peak RSS <= 2 x largest layer + hidden-state cache + RSS before the call; peak RSS
 / checkpoint size (expect < 0.2); bytes read <= 1.01 x the needed bytes; wall <= 1.3 x the in-memory wall.
 
@@ -156,6 +159,26 @@ def make_prompts(n: int, chars: int) -> tuple[list[str], str]:
 
 
 # ---------------------------------------------------------------------------------------- child
+def warm_up(folder: str, prompts: list[str], kwargs: dict) -> None:
+    """The process floor: profile a one-layer model of the same family the same way first, so that what
+    any first call costs (the model's code, the tokenizer, torch's thread pools and kernels) is in the RSS
+    measured before the call rather than counted as the case's memory."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import moeprune
+
+    config = AutoConfig.from_pretrained(folder)
+    config.num_hidden_layers = 1
+    with tempfile.TemporaryDirectory() as tmp:
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp)
+        for f in Path(folder).glob("tokenizer*"):
+            shutil.copy(f, tmp)
+        moeprune.profile(tmp, prompts, **kwargs)
+
+
 def child(kind: str, folder: str, prompts_file: str, budget: int | None, save: str | None) -> dict:
     """Run one case in this (fresh) process and return its measurements."""
     import torch
@@ -164,6 +187,8 @@ def child(kind: str, folder: str, prompts_file: str, budget: int | None, save: s
 
     prompts = json.loads(Path(prompts_file).read_text())
     kwargs: dict = {"stream": False} if kind == "memory" else {}
+    warm_up(folder, prompts[:2], kwargs)
+
     if kind == "budget":
         kwargs["memory_budget"] = budget
     start_rss = _status("VmRSS")
@@ -184,27 +209,26 @@ def child(kind: str, folder: str, prompts_file: str, budget: int | None, save: s
         digest.update(t.view(-1).view(torch.uint8).numpy().tobytes())
     result["digest"] = digest.hexdigest()[:16]
     if save:
-        torch.save({"stats": prof.stats, "signatures": prof.signatures, "routing": prof.routing,
-                    "hidden": prof.hidden_signatures}, save)
+        from safetensors.torch import save_file
+
+        save_file({**{f"stats.{k}": v.contiguous() for k, v in prof.stats.items()}, "signatures": prof.signatures,
+                   "routing": prof.routing, "hidden": prof.hidden_signatures}, save)
     return result
 
 
 def compare(files: list[str]) -> dict:
     """(In a child) torch.equal of each saved profile against the first, per statistic."""
     import torch
+    from safetensors.torch import load_file
 
-    ref = torch.load(files[0])
+    ref = load_file(files[0])
     out = {}
     for f in files[1:]:
-        other = torch.load(f)
-        diff = [k for k in ref["stats"] if not torch.equal(ref["stats"][k], other["stats"][k])]
-        if set(ref["stats"]) != set(other["stats"]):
-            diff.append("(different statistic names)")
-        for extra in ("signatures", "routing", "hidden"):
-            a, b = ref[extra], other[extra]
-            if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
-                diff.append(extra)
-        out[f] = {"n_stats": len(ref["stats"]), "differ": diff}
+        other = load_file(f)
+        diff = [k for k in ref if k not in other or not torch.equal(ref[k], other[k])]
+        if set(ref) != set(other):
+            diff.append("(different tensor names)")
+        out[f] = {"n_stats": sum(k.startswith("stats.") for k in ref), "differ": diff}
     return out
 
 
@@ -372,7 +396,7 @@ def parent(args: argparse.Namespace, folder: Path) -> None:
         saved: dict[str, Path] = {}
         for i in range(args.repeats):
             for name in CASES:
-                save = Path(tmp) / f"{name}.pt" if i == 0 else None
+                save = Path(tmp) / f"{name}.safetensors" if i == 0 else None
                 r = run_child(name, folder, prompts_file, budget if name == "budget" else None, save)
                 if save is not None:
                     saved[name] = save

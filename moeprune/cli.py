@@ -73,6 +73,13 @@ def _cmd_select(args) -> int:
     from .report import summarize_pattern
 
     out = check_output_file(args.output, force=args.force, what="pattern file")
+    given = [f for f, v in (("--keep", args.keep), ("--max-loss", args.max_loss), ("--min-mass", args.min_mass))
+             if v is not None]
+    if len(given) != 1:
+        raise MoepruneError("give exactly one of --keep (a budget), --max-loss (e.g. 2%) or --min-mass (e.g. 98%)"
+                            + (f"; got {', '.join(given)}" if given else ""))
+    if args.keep is None:
+        return _select_target(args, out)
     keep = parse_budget(args.keep, "--keep")
     profiles = [Profile.load(p) for p in args.profile]
     if len(profiles) == 1:
@@ -85,6 +92,54 @@ def _cmd_select(args) -> int:
         merged = merged.merge(p)
     print(summarize_pattern(pattern, merged, diagnostics=diagnose(merged, pattern)))
     print(f"wrote {out}")
+    return 0
+
+
+def _select_target(args, out) -> int:
+    from .profiles import Profile
+    from .target import parse_fraction, select_for_target
+
+    if len(args.profile) != 1:
+        raise MoepruneError("--max-loss and --min-mass select from one profile; merge the profiles first")
+    max_loss = parse_fraction(args.max_loss, "--max-loss") if args.max_loss is not None else None
+    min_mass = parse_fraction(args.min_mass, "--min-mass") if args.min_mass is not None else None
+    if max_loss is not None and (not args.model or not args.prompts):
+        raise MoepruneError("--max-loss needs --model and --prompts (the prompts the profile was made from; "
+                            "a profile does not store them); --min-mass needs neither")
+    candidates = [parse_budget(c, "--candidates") for c in args.candidates.split(",")] if args.candidates else None
+    prof = Profile.load(args.profile[0])
+    pattern, report = select_for_target(
+        prof, args.model, Path(args.prompts) if args.prompts else None, max_loss=max_loss, min_mass=min_mass,
+        criterion=args.criterion, strategy=args.strategy, folds=args.folds, seed=args.seed, candidates=candidates,
+        max_tokens=args.max_tokens, window=args.window, dtype=args.dtype)
+    pattern.save(out)
+    print(report.format())
+    print(f"wrote {out}")
+    return 0
+
+
+def _cmd_curve(args) -> int:
+    from ._io import check_output_file
+    from .curve import DEFAULT_CRITERIA, DEFAULT_STRATEGIES, curve, format_curve, write_curve
+    from .profiles import Profile
+
+    out = check_output_file(args.output, force=args.force, what="curve file")
+    if out.suffix.lower() != ".png":
+        raise MoepruneError(f"-o {out}: the curve is written as a PNG (its table goes beside it as .json)")
+    check_output_file(out.with_suffix(".json"), force=args.force, what="curve table")
+    if not args.prompts and not args.data:
+        raise MoepruneError("give --prompts (the profile's demonstrations, for the held-out curve), --data, or both")
+    names = lambda text, default: tuple(x.strip() for x in text.split(",") if x.strip()) if text else default  # noqa: E731
+    fractions = [parse_budget(f, "--fractions") for f in args.fractions.split(",")] if args.fractions else None
+    prof = Profile.load(args.profile)
+    result = curve(args.model, prof, Path(args.prompts) if args.prompts else None,
+                   Path(args.data) if args.data else None, criteria=names(args.criteria, DEFAULT_CRITERIA),
+                   strategies=names(args.strategies, DEFAULT_STRATEGIES), fractions=fractions, folds=args.folds,
+                   seed=args.seed, max_tokens=args.max_tokens, data_tokens=args.data_tokens, window=args.window,
+                   dtype=args.dtype)
+    png, table = write_curve(result, out)
+    print(format_curve(result))
+    print(f"wrote {png} and {table} in {result['seconds']:.0f} s")
     return 0
 
 
@@ -277,7 +332,8 @@ def _cmd_route(args) -> int:
     from .serve.route import parse_upstreams, route
 
     route(args.model, args.store, parse_upstreams(args.upstream or []), args.fallback, host=args.host,
-          port=args.port, api_key=args.api_key, upstream_api_key=args.upstream_api_key, dtype=args.dtype)
+          port=args.port, api_key=args.api_key, upstream_api_key=args.upstream_api_key, dtype=args.dtype,
+          device=args.device, threads=args.threads)
     return 0
 
 
@@ -331,14 +387,46 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("select", help="choose the experts to keep from one or more profiles")
     p.add_argument("profile", nargs="+", help="profile folder(s); several are combined (per-layer normalised)")
-    p.add_argument("--keep", required=True, help="fraction of experts per layer (0.5) or a count per layer (16)")
+    p.add_argument("--keep", help="fraction of experts per layer (0.5) or a count per layer (16)")
+    p.add_argument("--max-loss", help="instead of --keep: the smallest budget whose perplexity loss, predicted by "
+                                      "k-fold over the profile's prompts, is at most this (2%% or 0.02); needs "
+                                      "--model and --prompts")
+    p.add_argument("--min-mass", help="instead of --keep: the smallest budget keeping at least this share of the "
+                                      "routing mass the profile saw (98%% or 0.98); profile only")
+    p.add_argument("--model", help="with --max-loss: the checkpoint folder the profile was made with")
+    p.add_argument("--prompts", help="with --max-loss: the prompts the profile was made from")
+    p.add_argument("--folds", type=int, default=4, help="with --max-loss: cross-validation folds (default 4)")
+    p.add_argument("--candidates", help="budgets to measure: comma-separated fractions or counts per layer "
+                                        "(default 1/32,2/32,4/32,8/32,16/32,24/32 of the experts)")
+    p.add_argument("--max-tokens", type=int, default=None, help="with --max-loss: held-out tokens scored per fold")
+    p.add_argument("--window", type=int, default=None, help="with --max-loss: evaluation window")
+    p.add_argument("--dtype", default="auto", help="with --max-loss: float32, bfloat16, float16 or auto (the checkpoint's)")
     p.add_argument("--criterion", default="easy_ep",
                    help="frequency, mass, tcess, easy_ep, reap, gate_norm or random")
     p.add_argument("--strategy", default="uniform", choices=["uniform", "global"])
-    p.add_argument("--seed", type=int, default=0, help="seed of the random criterion")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random criterion and of the folds")
     p.add_argument("-o", "--output", required=True, help="pattern .json to write")
     p.add_argument("--force", action="store_true", help="replace an existing pattern file")
     p.set_defaults(func=_cmd_select)
+
+    p = sub.add_parser("curve", help="perplexity and memory against the share of experts kept, per criterion")
+    p.add_argument("model", help="checkpoint folder the profile was made with")
+    p.add_argument("--profile", required=True, help="profile folder")
+    p.add_argument("--prompts", help="the prompts the profile was made from: held-out (k-fold) perplexity")
+    p.add_argument("--data", help="evaluation text (.jsonl or .txt): perplexity on it")
+    p.add_argument("--criteria", help="comma-separated (default easy_ep,reap,frequency)")
+    p.add_argument("--strategies", help="comma-separated (default uniform,global)")
+    p.add_argument("--fractions", help="kept fractions or counts per layer, comma-separated "
+                                       "(default 1/32,2/32,4/32,8/32,16/32,24/32 of the experts)")
+    p.add_argument("--folds", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-tokens", type=int, default=None, help="held-out tokens scored per fold")
+    p.add_argument("--data-tokens", type=int, default=16384, help="tokens of --data scored")
+    p.add_argument("--window", type=int, default=None)
+    p.add_argument("--dtype", default="auto", help="float32, bfloat16, float16 or auto (the checkpoint's)")
+    p.add_argument("-o", "--output", required=True, help="PNG to write (the table goes beside it as .json)")
+    p.add_argument("--force", action="store_true", help="replace existing files")
+    p.set_defaults(func=_cmd_curve)
 
     p = sub.add_parser("export", help="write a pruned checkpoint that vanilla transformers and vLLM load")
     p.add_argument("model", help="source checkpoint folder")
@@ -457,6 +545,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", help="require Authorization: Bearer KEY (or set MOEPRUNE_API_KEY)")
     p.add_argument("--upstream-api-key", help="bearer token sent to the upstreams")
     p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default="cpu", help="where the signature model runs (cpu, cuda[:N])")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads for retrieval (default: torch's; 1 kept retrieval at 1.3 ms p50 under load)")
     p.set_defaults(func=_cmd_route)
 
     p = sub.add_parser("deploy", help="serve every stored pattern's export on its own engine, behind the front",
