@@ -36,7 +36,7 @@ REPORT_FILES = ("criteria.md", "criteria.json", "criteria_ratio.png", "pattern_o
 class BenchConfig:
     domains: tuple[str, ...] = DOMAINS
     calib_sizes: tuple[int, ...] = (8, 16, 64)
-    keeps: tuple[float, ...] = (0.5, 0.25)
+    keeps: tuple[float, ...] = (0.5, 0.25, 0.125)
     strategies: tuple[str, ...] = ("uniform", "global")
     criteria: tuple[str, ...] = ("frequency", "tcess", "easy_ep", "reap")
     random_seeds: tuple[int, ...] = (0, 1, 2)
@@ -45,6 +45,11 @@ class BenchConfig:
     max_length: int = 256
     window: int = 256
     small_calib_criteria: tuple[str, ...] = ("frequency", "easy_ep", "reap")
+    # Folding (moeprune.fold) against plain pruning, for these criteria and every strategy and keep:
+    # each similarity is measured on the calibration texts, and the best there on the eval texts.
+    fold_criteria: tuple[str, ...] = ()  # off by default: it lost to plain pruning (criteria-125/criteria.md)
+    fold_similarities: tuple[str, ...] = ("router", "weights")
+    fold_calib_tokens: int = 4096  # calibration-text tokens scored to choose the similarity
     extra: dict = field(default_factory=dict)
 
 
@@ -69,13 +74,16 @@ def run_benchmark(model_dir: str | os.PathLike, corpora: str | os.PathLike, conf
     adapter = get_adapter(model)
     calib = {d: read_prompts(corpora / d / "calib.jsonl") for d in cfg.domains}
     texts = {d: read_documents(corpora / d / "eval.jsonl") for d in cfg.domains}
+    calib_texts = {d: read_documents(corpora / d / "calib.jsonl") for d in cfg.domains}
 
-    def ppl(d: str, pattern: Pattern | None) -> float:
-        kwargs = dict(tokenizer=tok, window=cfg.window, max_tokens=cfg.eval_tokens, batch_size=16)
+    def ppl(d: str, pattern: Pattern | None, split: str = "eval") -> float:
+        data = texts[d] if split == "eval" else calib_texts[d]
+        tokens = cfg.eval_tokens if split == "eval" else cfg.fold_calib_tokens
+        kwargs = dict(tokenizer=tok, window=cfg.window, max_tokens=tokens, batch_size=16)
         if pattern is None:
-            return evaluate(model, texts[d], **kwargs).perplexity
+            return evaluate(model, data, **kwargs).perplexity
         with keep_mask(model, adapter, pattern.keep_masks()):
-            return evaluate(model, texts[d], **kwargs).perplexity
+            return evaluate(model, data, **kwargs).perplexity
 
     largest = max(cfg.calib_sizes)
     profiles = {}
@@ -90,6 +98,51 @@ def run_benchmark(model_dir: str | os.PathLike, corpora: str | os.PathLike, conf
         rows.append({"domain": d, "calib": n, "keep": keep, "strategy": strategy, "criterion": criterion,
                      "seed": seed, "source": source or d, "ppl": value, "ratio": value / full[d],
                      "kept_per_layer": sorted(set(pattern.counts.values()))})
+
+    fold_rows = []
+    full_calib = {}
+    if cfg.fold_criteria:
+        from .fold import fold
+
+        originals = {name: model.get_parameter(name).detach().clone()
+                     for layer in adapter.moe_layers(model.config) for name in adapter.fused_keys(layer)}
+
+        def restore():
+            with torch.no_grad():
+                for name, t in originals.items():
+                    model.get_parameter(name).copy_(t)
+
+        full_calib = {d: ppl(d, None, "calib") for d in cfg.domains}
+
+    def add_fold(d, keep, strategy, criterion, pattern, prof):
+        """Plain and folded ratios on the calibration texts for every similarity; the one with the lowest
+        calibration ratio (chosen per domain, never on eval texts) is then measured on the eval texts."""
+        base = {"domain": d, "keep": keep, "strategy": strategy, "criterion": criterion,
+                "kept_per_layer": sorted(set(pattern.counts.values()))}
+
+        def measure(sim, split):
+            try:
+                if sim is not None:
+                    fold(model, pattern, prof, similarity=sim)
+                value = ppl(d, pattern, split)
+            finally:
+                if sim is not None:
+                    restore()
+            full_ppl = full_calib[d] if split == "calib" else full[d]
+            fold_rows.append({**base, "similarity": sim, "split": split, "ppl": value, "ratio": value / full_ppl})
+            return value
+
+        plain = [r for r in rows if (r["domain"], r["keep"], r["strategy"], r["criterion"], r["calib"], r["seed"])
+                 == (d, keep, strategy, criterion, largest, None)]
+        if len(plain) == 1 and plain[0]["kept_per_layer"] == base["kept_per_layer"]:  # measured already
+            fold_rows.append({**base, "similarity": None, "split": "eval", "ppl": plain[0]["ppl"],
+                              "ratio": plain[0]["ratio"]})
+        else:
+            measure(None, "eval")
+        measure(None, "calib")
+        calib_ppl = {sim: measure(sim, "calib") for sim in cfg.fold_similarities}
+        chosen = min(calib_ppl, key=calib_ppl.get)
+        measure(chosen, "eval")
 
     from tqdm.auto import tqdm
 
@@ -112,12 +165,32 @@ def run_benchmark(model_dir: str | os.PathLike, corpora: str | os.PathLike, conf
                 other = cfg.domains[(i + 1) % len(cfg.domains)]
                 add(d, largest, keep, "uniform", "cross-domain",
                     profiles[other, largest].select(keep=keep, criterion=cfg.cross_criterion), source=other)
+            for strategy in cfg.strategies:
+                for c in cfg.fold_criteria:
+                    add_fold(d, keep, strategy, c, prof.select(keep=keep, criterion=c, strategy=strategy), prof)
+    if cfg.fold_criteria:  # the model is the original again: the last fold was undone
+        check = ppl(cfg.domains[0], None)
+        if check != full[cfg.domains[0]]:
+            raise MoepruneError(f"internal: folding was not undone ({check} != {full[cfg.domains[0]]})")
     overlap = {}
     for keep in cfg.keeps:
         pats = {d: profiles[d, largest].select(keep=keep, criterion=cfg.cross_criterion) for d in cfg.domains}
         overlap[str(keep)] = [[pats[a].jaccard(pats[b]) for b in cfg.domains] for a in cfg.domains]
     return {"config": asdict(cfg), "model": str(model_dir), "full": full, "rows": rows, "overlap": overlap,
+            "full_calib": full_calib, "fold_rows": fold_rows,
             "n_experts": adapter.num_experts(model.config), "seconds": time.time() - t0}
+
+
+def fold_summary(fold_rows: list[dict]) -> dict[tuple, float]:
+    """(criterion, strategy, keep, method, split) -> geometric mean over domains of pruned / full perplexity;
+    method is "plain", "folded" (eval texts: the similarity each domain chose on its calibration texts) or
+    the similarity (calibration texts)."""
+    groups: dict[tuple, list[float]] = {}
+    for r in fold_rows:
+        sim = r["similarity"]
+        method = "plain" if sim is None else ("folded" if r["split"] == "eval" else sim)
+        groups.setdefault((r["criterion"], r["strategy"], r["keep"], method, r["split"]), []).append(r["ratio"])
+    return {k: _geomean(v) for k, v in groups.items()}
 
 
 def summary(result: dict) -> dict[tuple, float]:
@@ -163,7 +236,49 @@ def markdown(result: dict) -> str:
     for d in cfg["domains"]:
         cells = [f"{by[d, c, k]:.3f}" for k in keeps for c in cfg["criteria"]]
         lines.append(f"| {d} | {result['full'][d]:.2f} | " + " | ".join(cells) + " |")
+    if result.get("fold_rows"):
+        lines += ["", *_fold_markdown(result)]
     return "\n".join(lines)
+
+
+def _fold_markdown(result: dict) -> list[str]:
+    cfg, rows, n = result["config"], result["fold_rows"], result["n_experts"]
+    keeps, s = cfg["keeps"], fold_summary(rows)
+    cols = " | ".join(f"keep {round(k * n)}/{n}" for k in keeps)
+    sims = cfg["fold_similarities"]
+    lines = ["Folding (each pruned expert merged into its most similar kept expert, weighted by routing mass) "
+             f"against plain pruning: pruned / full perplexity, geometric mean over {len(cfg['domains'])} domains; "
+             f"eval texts, and calibration texts ({cfg['fold_calib_tokens']} tokens, which choose the similarity "
+             "per domain):", "",
+             f"| criterion | strategy | measured on | method | {cols} |", "|---|---|---|---|" + "---|" * len(keeps)]
+    for c in cfg["fold_criteria"]:
+        for st in cfg["strategies"]:
+            for split, methods in (("eval", ("plain", "folded")), ("calib", ("plain", *sims))):
+                for m in methods:
+                    vals = [s.get((c, st, k, m, split)) for k in keeps]
+                    label = m if m in ("plain", "folded") else f"folded by {m}"
+                    lines.append(f"| {c} | {st} | {split} | {label} | "
+                                 + " | ".join("-" if v is None else f"{v:.3f}" for v in vals) + " |")
+    by = {(r["domain"], r["criterion"], r["strategy"], r["keep"], r["similarity"] is None): r
+          for r in rows if r["split"] == "eval"}
+    for c in cfg["fold_criteria"]:
+        for st in cfg["strategies"]:
+            lines += ["", f"Per domain, {c} {st}: eval texts, pruned / full (folded: with the similarity chosen on "
+                      "the domain's calibration texts, r = router rows, w = weights; * where folding is better):", "",
+                      "| domain | " + " | ".join(f"plain @{round(k * n)} | folded @{round(k * n)}" for k in keeps)
+                      + " |", "|---|" + "---|---|" * len(keeps)]
+            wins = dict.fromkeys(keeps, 0)
+            for d in cfg["domains"]:
+                cells = []
+                for k in keeps:
+                    plain, folded = by[d, c, st, k, True]["ratio"], by[d, c, st, k, False]
+                    better = folded["ratio"] < plain
+                    wins[k] += better
+                    cells += [f"{plain:.3f}", f"{folded['ratio']:.3f} ({folded['similarity'][0]})" + "*" * better]
+                lines.append(f"| {d} | " + " | ".join(cells) + " |")
+            lines.append("| folding better on | " + " | ".join(f" | {wins[k]}/{len(cfg['domains'])}" for k in keeps)
+                         + " |")
+    return lines
 
 
 def plots(result: dict, out_dir: str | os.PathLike) -> list[Path]:
