@@ -26,12 +26,17 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(add_help=False)  # only ours; everything else goes to bench-criteria
     add_record_args(ap)
     ap.add_argument("--restricted", action="store_true")
+    ap.add_argument("--restricted-criteria", default="frequency,easy_ep",
+                    help="with --restricted: the criteria to run")
+    ap.add_argument("--no-fold", action="store_true", help="with --restricted: no folding comparison")
     ours, args = ap.parse_known_args()
     if "-o" not in args and "--output" not in args:
         # A --quick run must not overwrite the full run's tables and plots; a full run replaces them
         # (the earlier ones stay in git history).
         quick = "--quick" in args
-        sub = "criteria-quick" if quick else "criteria-125" if ours.restricted else ""
+        crit = tuple(c for c in ours.restricted_criteria.split(",") if c)
+        tag = "" if crit == ("frequency", "easy_ep") else "-" + "-".join(crit)
+        sub = "criteria-quick" if quick else f"criteria-125{tag}" if ours.restricted else ""
         args += ["-o", str(results_dir(ours.results) / sub)]
         if not quick and "--force" not in args:
             args.append("--force")
@@ -43,9 +48,10 @@ if __name__ == "__main__":
         from moeprune.demo import DEMO_MODEL
 
         out = args[args.index("-o") + 1] if "-o" in args else str(results_dir(ours.results))
-        cfg = BenchConfig(calib_sizes=(64,), keeps=(0.5, 0.25, 0.125), criteria=("frequency", "easy_ep"),
+        crit = tuple(c for c in ours.restricted_criteria.split(",") if c)
+        cfg = BenchConfig(calib_sizes=(64,), keeps=(0.5, 0.25, 0.125), criteria=crit,
                           random_seeds=(), small_calib_criteria=(), eval_tokens=4096,
-                          fold_criteria=("easy_ep", "frequency"), fold_calib_tokens=2048)
+                          fold_criteria=() if ours.no_fold else ("easy_ep", "frequency"), fold_calib_tokens=2048)
         result = run_benchmark(DEMO_MODEL, "../shared/corpora", cfg)
         write_report(result, out)
         print(markdown(result))
