@@ -26,11 +26,10 @@ import httpx2 as httpx
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import MoepruneError
 from .protocol import APIError, parse_json, retrieval_query
-from .server import ROUTES, Gate, _client_gone, check_port, is_loopback
+from .server import Gate, _client_gone, add_error_handlers, check_port, gate_metrics, is_loopback
 
 log = logging.getLogger("moeprune")
 
@@ -128,10 +127,7 @@ def _metrics():
 
     reg = CollectorRegistry()
     return {
-        "registry": reg,
-        "requests": Counter("moeprune_requests", "HTTP responses by route template and status",
-                            ["endpoint", "status"], registry=reg),
-        "latency": Histogram("moeprune_request_latency_seconds", "Request latency", ["endpoint"], registry=reg),
+        **gate_metrics(reg),
         # label values are upstream names from the configuration, never from a client
         "retrievals": Counter("moeprune_retrievals", "Requests routed, by upstream and how", ["upstream", "fell_back"],
                               registry=reg),
@@ -433,19 +429,7 @@ def create_route_app(router: Router, config: RouteConfig, client: httpx.AsyncCli
     app = FastAPI(title="moeprune route", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     app.state.front = front
 
-    @app.exception_handler(APIError)
-    async def api_error(request: Request, e: APIError):
-        return JSONResponse(e.body(), status_code=e.status)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, e: StarletteHTTPException):
-        if e.status_code == 404:
-            message = f"no route {request.method} {request.url.path}; this server serves {', '.join(ROUTES)}"
-            return JSONResponse(APIError(404, message, code="not_found").body(), status_code=404)
-        if e.status_code == 405:
-            message = f"{request.method} is not allowed on {request.url.path}"
-            return JSONResponse(APIError(405, message, code="method_not_allowed").body(), status_code=405)
-        return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+    add_error_handlers(app)
 
     @app.get("/health")
     async def health():

@@ -74,13 +74,11 @@ class ServeConfig:
 
 # ---------------------------------------------------------------------------------------------- metrics
 def _metrics():
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from prometheus_client import CollectorRegistry, Counter, Gauge
 
     reg = CollectorRegistry()
     return {
-        "registry": reg,
-        "requests": Counter("moeprune_requests", "HTTP responses by route template and status",
-                            ["endpoint", "status"], registry=reg),
+        **gate_metrics(reg),
         "tokens": Counter("moeprune_tokens", "Tokens processed", ["kind"], registry=reg),
         "retrievals": Counter("moeprune_retrievals", "Patterns chosen per prompt", ["pattern", "fell_back"],
                               registry=reg),
@@ -89,12 +87,23 @@ def _metrics():
         "bytes": Gauge("moeprune_expert_bytes_read", "Expert bytes read from the checkpoint", registry=reg),
         "resident": Gauge("moeprune_resident_experts", "Experts resident in the pool", registry=reg),
         "queue": Gauge("moeprune_queue_depth", "Sequences waiting or running", registry=reg),
-        "latency": Histogram("moeprune_request_latency_seconds", "Request latency", ["endpoint"], registry=reg),
         "batch": Gauge("moeprune_mean_batch_size", "Mean sequences per batch (last 1000)", registry=reg),
         "stopped": Gauge("moeprune_generations_stopped_early",
                          "Generations cut short because the client went away", registry=reg),
         "skipped": Gauge("moeprune_store_skipped_entries", "Store entries left out because they are corrupt",
                          registry=reg),
+    }
+
+
+def gate_metrics(reg) -> dict:
+    """The metrics the `Gate` keeps for every response (shared by `serve` and `route`)."""
+    from prometheus_client import Counter, Histogram
+
+    return {
+        "registry": reg,
+        "requests": Counter("moeprune_requests", "HTTP responses by route template and status",
+                            ["endpoint", "status"], registry=reg),
+        "latency": Histogram("moeprune_request_latency_seconds", "Request latency", ["endpoint"], registry=reg),
     }
 
 
@@ -402,20 +411,8 @@ def _sink(loop: asyncio.AbstractEventLoop, events: asyncio.Queue):
 
 
 # ---------------------------------------------------------------------------------------------- the app
-def create_app(pool: ExpertPool, store, config: ServeConfig, engine: Engine | None = None):
-    """The ASGI application (FastAPI behind the Gate) over an expert pool and a pattern store."""
-    from contextlib import asynccontextmanager
-
-    metrics = _metrics()
-    service = Service(pool, store, config, metrics, engine)
-
-    @asynccontextmanager
-    async def lifespan(app):
-        yield
-        await run_in_threadpool(service.engine.shutdown)  # drain: queued and running requests finish
-
-    app = FastAPI(title="moeprune", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
-    app.state.service = service
+def add_error_handlers(app: FastAPI) -> None:
+    """OpenAI error bodies for moeprune's own errors, unknown routes (404) and wrong methods (405)."""
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, e: APIError):
@@ -431,6 +428,24 @@ def create_app(pool: ExpertPool, store, config: ServeConfig, engine: Engine | No
             message = f"{request.method} is not allowed on {request.url.path}"
             return JSONResponse(APIError(405, message, code="method_not_allowed").body(), status_code=405)
         return JSONResponse(APIError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+
+
+def create_app(pool: ExpertPool, store, config: ServeConfig, engine: Engine | None = None):
+    """The ASGI application (FastAPI behind the Gate) over an expert pool and a pattern store."""
+    from contextlib import asynccontextmanager
+
+    metrics = _metrics()
+    service = Service(pool, store, config, metrics, engine)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        await run_in_threadpool(service.engine.shutdown)  # drain: queued and running requests finish
+
+    app = FastAPI(title="moeprune", lifespan=lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+    app.state.service = service
+
+    add_error_handlers(app)
 
     @app.get("/health")
     async def health():
