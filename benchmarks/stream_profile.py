@@ -26,8 +26,9 @@ safetensors headers). Before the runs the checkpoint is read once, so a VM host'
 guest cannot drop) is equally warm for every run; `--no-warmup` skips that. Cases run round-robin
 `--repeats` times; the table shows medians.
 
-Before its call each child profiles a one-layer model of the same family the same way (`warm_up`), so the
-RSS before the call is the process floor (code, tokenizer, thread pools) rather than a bare interpreter.
+Before its call each child profiles a one-layer model of the same family the same way on the same prompts
+(`warm_up`), so the RSS before the call is the process floor (code, tokenizer, thread pools, kernel scratch
+space at these shapes) rather than a bare interpreter.
 
 Targets (streamed cases): peak RSS <= 2 x largest layer + hidden-state cache + RSS before the call; peak RSS
 / checkpoint size (expect < 0.2); bytes read <= 1.01 x the needed bytes; wall <= 1.3 x the in-memory wall.
@@ -160,9 +161,10 @@ def make_prompts(n: int, chars: int) -> tuple[list[str], str]:
 
 # ---------------------------------------------------------------------------------------- child
 def warm_up(folder: str, prompts: list[str], kwargs: dict) -> None:
-    """The process floor: profile a one-layer model of the same family the same way first, so that what
-    any first call costs (the model's code, the tokenizer, torch's thread pools and kernels) is in the RSS
-    measured before the call rather than counted as the case's memory."""
+    """The process floor: profile a one-layer model of the same family the same way, on the same prompts,
+    first, so that what any first call costs (the model's code, the tokenizer, torch's thread pools, the
+    kernels' per-thread scratch space at these shapes) is in the RSS measured before the call rather than
+    counted as the case's memory. It costs one layer's compute of the case."""
     import shutil
     import tempfile
 
@@ -187,7 +189,7 @@ def child(kind: str, folder: str, prompts_file: str, budget: int | None, save: s
 
     prompts = json.loads(Path(prompts_file).read_text())
     kwargs: dict = {"stream": False} if kind == "memory" else {}
-    warm_up(folder, prompts[:2], kwargs)
+    warm_up(folder, prompts, kwargs)
 
     if kind == "budget":
         kwargs["memory_budget"] = budget

@@ -9,6 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
+from ._io import bound_kernel_caches
 from .budget import parse_budget
 from .errors import MoepruneError
 
@@ -624,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     if passed:
         args.engine_args = passed
     try:
+        bound_kernel_caches()
         _quiet_libraries(args.verbose)
         _show_notes()
         return args.func(args)

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._io import release_freed_memory
+from ._io import bound_kernel_caches, release_freed_memory
 from .checkpoint import Checkpoint, Read, run_reads, tied_names
 from .errors import MoepruneError
 from .pattern import Pattern
@@ -211,6 +211,7 @@ class LayerStream:
     def __init__(self, model_path, dtype=None, device: str | torch.device = "cpu", pattern: Pattern | None = None,
                  memory_budget: int | str | None = None, spill_dir: str | None = None, threads: int = 4,
                  record_reads: bool = False):
+        bound_kernel_caches()
         self.ckpt = Checkpoint(model_path, record_reads=record_reads)
         try:
             self._open(dtype, device, pattern, parse_bytes(memory_budget), spill_dir, threads)

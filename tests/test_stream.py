@@ -4,6 +4,7 @@ broken checkpoints and impossible budgets in one line."""
 
 from __future__ import annotations
 
+import os
 import json
 from pathlib import Path
 
@@ -188,3 +189,13 @@ def test_fingerprint_of_an_offloaded_model_comes_from_its_checkpoint(folders):
     assert model_fingerprint(model) == want
     model.config._name_or_path = ""
     raises_one_line(lambda: model_fingerprint(model), "offloaded")
+
+
+def test_kernel_caches_bounded_unless_the_user_chose(monkeypatch):
+    from moeprune._io import KERNEL_CACHE_ENTRIES, bound_kernel_caches
+
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
+    bound_kernel_caches()
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == KERNEL_CACHE_ENTRIES
+    assert os.environ["LRU_CACHE_CAPACITY"] == "7"
