@@ -4,8 +4,8 @@ broken checkpoints and impossible budgets in one line."""
 
 from __future__ import annotations
 
-import os
 import json
+import os
 from pathlib import Path
 
 import pytest
