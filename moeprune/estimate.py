@@ -4,7 +4,7 @@ Nothing but config.json and the safetensors headers is read: the sizes come from
 skeleton of the model, built as `LayerStream` and `load_slim` build theirs
 (`Checkpoint.slim_skeleton`), in the compute dtype. With a pattern the routers are read too (they
 are small and give the fingerprint that a pattern for another model is refused by, as `load_slim`
-refuses it); the export's size comes from the export's own plan (`exporter._plan`), so kept
+refuses it); the export's size comes from the export's own plan (`exporter.export_plan`), so kept
 experts count with their quantization companions, byte for byte as `export` copies them.
 
 Peak memory is an estimate, not a measurement: a process floor (`FLOOR_BYTES`, for Python, torch
@@ -134,7 +134,7 @@ def estimate(model_path: str | os.PathLike, pattern: Pattern | str | os.PathLike
 
 def _pattern_sizes(ckpt: Checkpoint, pattern: Pattern, compute: torch.dtype, est: Estimate) -> None:
     """The slim model's size (as `load_slim` builds it) and the export's tensor bytes (as `export` plans them)."""
-    from .exporter import _plan
+    from .exporter import export_plan
 
     routers = ckpt.read_routers()
     ckpt.check_pattern(pattern, ckpt.fingerprint(routers))
@@ -147,7 +147,7 @@ def _pattern_sizes(ckpt: Checkpoint, pattern: Pattern, compute: torch.dtype, est
         return
     for layer, ids in pattern.kept.items():  # as export: every kept expert complete, from the headers
         ckpt.check_experts(layer, ids)
-    est.export_bytes = sum(item.nbytes for item in _plan(ckpt, pattern, routers))
+    est.export_bytes = sum(item.nbytes for item in export_plan(ckpt, pattern, routers))
     if ckpt.adapter.extra_layers(ckpt.config):
         est.export_note = "multi-token-prediction layers dropped (export's default --mtp drop)"
 

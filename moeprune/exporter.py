@@ -68,11 +68,14 @@ class _Out:
     load: Callable[[], torch.Tensor]
 
 
-def _plan(ckpt: Checkpoint, pattern: Pattern, routers: dict, drop_extra: bool = True) -> list[_Out]:
-    """Every output tensor, in checkpoint order, with how to read it."""
+def export_plan(ckpt: Checkpoint, pattern: Pattern | dict[int, list[int]], routers: dict,
+          drop_extra: bool = True) -> list[_Out]:
+    """Every output tensor, in checkpoint order, with how to read it (nothing is read until a load is
+    called). `pattern` may also be layer -> source expert ids in output order (slot s holds ids[s])."""
     reader, adapter = ckpt.reader, ckpt.adapter
-    layers = set(pattern.kept)
-    new_id = {layer: {old: new for new, old in enumerate(ids)} for layer, ids in pattern.kept.items()}
+    kept = pattern.kept if isinstance(pattern, Pattern) else pattern
+    layers = set(kept)
+    new_id = {layer: {old: new for new, old in enumerate(ids)} for layer, ids in kept.items()}
     router_ckpt = {}
     for layer in layers:
         for mem, ck in zip(adapter.router_keys(layer), adapter.ckpt_router_keys(layer), strict=True):
@@ -104,11 +107,11 @@ def _plan(ckpt: Checkpoint, pattern: Pattern, routers: dict, drop_extra: bool = 
             continue
         fused = adapter.split_fused_key(key)
         if fused and fused[0] in layers:
-            plan += _plan_fused(ckpt, key, fused[0], fused[1], pattern.kept[fused[0]])
+            plan += _plan_fused(ckpt, key, fused[0], fused[1], kept[fused[0]])
             continue
         if key in router_ckpt:
             layer, mem = router_ckpt[key]
-            index = torch.as_tensor(pattern.kept[layer], dtype=torch.long)
+            index = torch.as_tensor(kept[layer], dtype=torch.long)
             t = routers[mem]
             plan.append(_Out(key, t[0].numel() * t.element_size() * len(index),
                              lambda t=t, index=index: t.index_select(0, index).contiguous()))
@@ -251,7 +254,7 @@ def _config_json(data: dict, adapter: MoEAdapter, config, pattern: Pattern, rout
     if count < adapter.top_k(config):
         data[adapter.top_k_field] = count
     if adapter.extra_layers(config) and mtp == "drop":
-        data["num_nextn_predict_layers"] = 0  # their layers are not exported (see _plan)
+        data["num_nextn_predict_layers"] = 0  # their layers are not exported (see export_plan)
     # Provenance: the store retrieves with an export as with its source. The pruned model's own
     # fingerprint is recorded too, so an export whose routers were changed later is not taken for it.
     pruned = [routers[adapter.router_keys(layer)[0]].index_select(0, torch.as_tensor(ids, dtype=torch.long))
@@ -399,7 +402,7 @@ def export(
             rewritten = _rewrite_quantization(source, adapter, new_id, fname)
             if rewritten != source:
                 side_configs[fname] = rewritten
-        plan = _plan(ckpt, planned, routers, drop_extra=mtp == "drop")
+        plan = export_plan(ckpt, planned, routers, drop_extra=mtp == "drop")
         shards = _shards(plan, max_bytes)
         with atomic_dir(out, overwrite=force, protect=(src,)) as tmp:
             names = (["model.safetensors"] if len(shards) == 1 else

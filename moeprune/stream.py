@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ._io import bound_kernel_caches, release_freed_memory
+from ._io import bound_kernel_caches, map_large_blocks, release_freed_memory
 from .checkpoint import Checkpoint, Read, run_reads, tied_names
 from .errors import MoepruneError
 from .pattern import Pattern
@@ -212,6 +212,7 @@ class LayerStream:
                  memory_budget: int | str | None = None, spill_dir: str | None = None, threads: int = 4,
                  record_reads: bool = False):
         bound_kernel_caches()
+        map_large_blocks()
         self.ckpt = Checkpoint(model_path, record_reads=record_reads)
         try:
             self._open(dtype, device, pattern, parse_bytes(memory_budget), spill_dir, threads)
