@@ -116,6 +116,22 @@ class ExpertSwap:
         return {"name": s["name"], "digest": s["digest"],
                 "kept": None if s["slots"] is None else {str(k): v for k, v in s["slots"].items()}}
 
+    def moeprune_memory(self) -> dict:
+        """Bytes of the model's parameters and buffers (each tensor once), and this worker's RSS."""
+        model = self.model_runner.get_model()
+        seen, total = set(), 0
+        for t in (*model.parameters(), *model.buffers()):
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+        rss = None
+        try:
+            with open("/proc/self/status") as f:
+                rss = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            pass
+        return {"weight_bytes": total, "rss_bytes": rss}
+
     def _source(self, folder: str):
         """The source checkpoint, opened once, its routers read once (outside any swap's byte count)."""
         from ..checkpoint import Checkpoint
