@@ -129,7 +129,7 @@ def start_deployment(store: Path, exports: Path, vllm_python: str, patterns=SERV
 class Front:
     """The routing front in this process: uvicorn in a thread on a free loopback port."""
 
-    def __init__(self, store: Path, urls: dict[str, str]):
+    def __init__(self, store: Path, urls: dict[str, str], engines: list[str] | None = None):
         import torch
         import uvicorn
 
@@ -139,7 +139,8 @@ class Front:
         from moeprune.store.signature import load_signature_model
 
         upstreams = {k: v for k, v in urls.items() if k != "fallback"}
-        self.config = RouteConfig(model_name=MODEL_NAME, upstreams=upstreams, fallback=urls.get("fallback"))
+        self.config = RouteConfig(model_name=MODEL_NAME, upstreams=upstreams, fallback=urls.get("fallback"),
+                                  engines=engines, source=str(DEMO_MODEL) if engines else None)
         self.store = PatternStore(str(store), on_corrupt="skip")
         signature = load_signature_model(DEMO_MODEL, dtype=torch.float32)
         self.router = Router(self.store, signature, load_tokenizer(str(DEMO_MODEL)), self.config)
@@ -196,7 +197,7 @@ def complete(client: httpx.Client, base: str, req: dict) -> dict:
     return {"ids": ids, "text": "".join(text), "prompt_ids": prompt_ids, "headers": headers}
 
 
-def reference_tokens(prompt_ids: list[int], pattern, cache: dict) -> list[int]:
+def reference_tokens(prompt_ids: list[int], pattern, cache: dict, new_tokens: int = NEW_TOKENS) -> list[int]:
     """Greedy tokens of load_slim(demo model, pattern) in float32 (the full model when pattern is None)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -212,8 +213,8 @@ def reference_tokens(prompt_ids: list[int], pattern, cache: dict) -> list[int]:
     model = cache[key]
     x = torch.tensor([prompt_ids])
     with torch.no_grad():
-        y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=NEW_TOKENS,
-                           min_new_tokens=NEW_TOKENS, pad_token_id=model.config.pad_token_id)
+        y = model.generate(x, attention_mask=torch.ones_like(x), do_sample=False, max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, pad_token_id=model.config.pad_token_id)
     return y[0, len(prompt_ids):].tolist()
 
 

@@ -165,31 +165,34 @@ def bucket_quantile(buckets: list[tuple[float, float]], count: float, q: float) 
 
 # ---------------------------------------------------------------------------------------------- (b), (c)
 def run_clients(url: str, jobs: list[dict], clients: int) -> dict:
-    """Send `jobs` from `clients` threads to url/v1/completions."""
+    """Send `jobs` from `clients` threads to url/v1/completions; `answers` holds each job's JSON answer (the
+    error text for a non-200, None when the request failed), in job order."""
     lock = threading.Lock()
-    queue = list(reversed(jobs))
+    queue = list(enumerate(jobs))[::-1]
+    answers: list[dict | None] = [None] * len(jobs)
     lat: list[float] = []
     tokens = [0]
     statuses: dict[str, int] = {}
     routes: dict[str, int] = {}
 
     def worker():
-        with httpx.Client(timeout=600) as client:
+        with httpx.Client(timeout=900) as client:
             while True:
                 with lock:
                     if not queue:
                         return
-                    body = queue.pop()
+                    i, body = queue.pop()
                 t0 = time.perf_counter()
                 try:
                     r = client.post(f"{url}/v1/completions", json=body)
-                    status, data = str(r.status_code), (r.json() if r.status_code == 200 else None)
+                    status, data = str(r.status_code), (r.json() if r.status_code == 200 else {"error": r.text[:300]})
                 except (httpx.HTTPError, ValueError) as e:
                     status, data = type(e).__name__, None
                 dt = time.perf_counter() - t0
                 with lock:
                     statuses[status] = statuses.get(status, 0) + 1
-                    if data is not None:
+                    answers[i] = data
+                    if status == "200":
                         lat.append(dt)
                         tokens[0] += data["usage"]["completion_tokens"]
                         info = data.get("moeprune") or {}
@@ -205,7 +208,7 @@ def run_clients(url: str, jobs: list[dict], clients: int) -> dict:
     wall = time.perf_counter() - t0
     failures = sum(n for s, n in statuses.items() if s != "200")
     return {"lat": lat, "tokens": tokens[0], "wall": wall, "failures": failures, "statuses": statuses,
-            "routes": routes, "tps": tokens[0] / wall}
+            "routes": routes, "tps": tokens[0] / wall, "answers": answers}
 
 
 def describe(name: str, r: dict) -> str:

@@ -334,7 +334,8 @@ def _cmd_route(args) -> int:
 
     route(args.model, args.store, parse_upstreams(args.upstream or []), args.fallback, host=args.host,
           port=args.port, api_key=args.api_key, upstream_api_key=args.upstream_api_key, dtype=args.dtype,
-          device=args.device, threads=args.threads)
+          device=args.device, threads=args.threads, engines=args.engine, max_queue=args.max_queue,
+          queue_timeout=args.queue_timeout, swap_timeout=args.swap_timeout)
     return 0
 
 
@@ -344,7 +345,7 @@ def _cmd_deploy(args) -> int:
     patterns = [n.strip() for n in args.patterns.split(",") if n.strip()] if args.patterns else None
     deploy(args.store, args.model, args.exports, engine=args.engine, engine_args=args.engine_args,
            base_port=args.base_port, patterns=patterns, fallback=not args.no_fallback, host=args.host,
-           port=args.port, api_key=args.api_key, dtype=args.dtype, progress=not args.quiet)
+           port=args.port, api_key=args.api_key, dtype=args.dtype, progress=not args.quiet, engines=args.engines)
     return 0
 
 
@@ -541,6 +542,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--upstream", action="append", metavar="NAME=URL",
                    help="a stored pattern and the OpenAI base URL (ending in /v1) of the server of its export; repeat")
     p.add_argument("--fallback", metavar="URL", help="server for queries that match no served pattern (the full model)")
+    p.add_argument("--engine", action="append", metavar="URL",
+                   help="a swappable engine's OpenAI base URL (vLLM with moeprune's worker extension); repeat: "
+                        "every stored pattern is then served on this pool, swapped in as needed")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a pool engine before 429")
+    p.add_argument("--queue-timeout", type=float, default=300.0,
+                   help="seconds a request may wait for a pool engine before 503")
+    p.add_argument("--swap-timeout", type=float, default=600.0, help="seconds one engine swap may take")
     p.add_argument("--host", default="127.0.0.1", help="bind address (loopback unless told otherwise)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", help="require Authorization: Bearer KEY (or set MOEPRUNE_API_KEY)")
@@ -560,6 +568,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'vllm' (vllm serve), or a command template with {model} and {port} (and {name}, {python})")
     p.add_argument("--patterns", help="comma-separated stored patterns to serve (default: all)")
     p.add_argument("--no-fallback", action="store_true", help="no full-model server for unmatched queries")
+    p.add_argument("--engines", type=int, metavar="N",
+                   help="N swappable engines (started on the first N patterns) serving every stored pattern")
     p.add_argument("--base-port", type=int, default=8100, help="first loopback port of the engines")
     p.add_argument("--host", default="127.0.0.1", help="the front's bind address")
     p.add_argument("--port", type=int, default=8000, help="the front's port")

@@ -7,6 +7,10 @@ process (`vllm serve` by default; any OpenAI-compatible server through a command
 to the loopback interface on its own port: only the front faces clients. The fallback serves the
 whole source model. The user's engine arguments (tensor/expert parallel, memory fraction, ...)
 are passed through unchanged.
+
+With `engines=N`, N swappable engines start on the first N patterns' exports instead (all with
+the same experts per layer) in vLLM's dev mode with moeprune's worker extension, and the front
+multiplexes every stored pattern over them (`multiplex`).
 """
 
 from __future__ import annotations
@@ -26,11 +30,15 @@ from pathlib import Path
 from ..errors import MoepruneError
 
 VLLM = "vllm serve {model} --host 127.0.0.1 --port {port} --served-model-name {name}"
+SWAPPABLE_ARGS = ["--worker-extension-cls", "moeprune.serve.vllm_ext.ExpertSwap"]
+SWAPPABLE_ENV = {"VLLM_SERVER_DEV_MODE": "1"}  # vLLM's /pause, /resume, /collective_rpc routes
 
 
-def engine_command(engine: str, model: str, port: int, name: str, extra: list[str]) -> list[str]:
+def engine_command(engine: str, model: str, port: int, name: str, extra: list[str],
+                   swappable: bool = False) -> list[str]:
     """The command that serves `model` on `port`: `vllm`, or a template with {model}, {port} and
-    optionally {name} and {python} (this interpreter), followed by the user's engine arguments."""
+    optionally {name} and {python} (this interpreter), followed by the user's engine arguments.
+    `swappable`: vllm gets moeprune's worker extension (a template decides for itself)."""
     template = VLLM if engine == "vllm" else engine
     if "{model}" not in template or "{port}" not in template:
         raise MoepruneError(f"the engine must be 'vllm' or a command template with {{model}} and {{port}}, "
@@ -40,7 +48,8 @@ def engine_command(engine: str, model: str, port: int, name: str, extra: list[st
     except ValueError as e:
         raise MoepruneError(f"cannot read the engine command {engine!r}: {e}") from None
     values = {"model": model, "port": str(port), "name": name, "python": sys.executable}
-    return [w.format(**values) for w in words] + list(extra)
+    ext = SWAPPABLE_ARGS if swappable and engine == "vllm" else []
+    return [w.format(**values) for w in words] + ext + list(extra)  # the user's arguments last: they win
 
 
 def export_is_current(folder: Path, digest: str) -> bool:
@@ -55,7 +64,7 @@ def export_is_current(folder: Path, digest: str) -> bool:
 
 @dataclass
 class Server:
-    name: str  # the pattern it serves, or "fallback"
+    name: str  # the pattern it serves, "fallback", or engineN (a swappable engine)
     model: str  # the folder it serves
     port: int
     command: list[str]
@@ -80,6 +89,7 @@ class Deployment:
     patterns: list[str] | None = None
     fallback: bool = True
     startup_timeout: float = 900.0
+    engines: int | None = None  # N swappable engines instead of one engine per pattern
     servers: list[Server] = field(default_factory=list)
 
     # -------------------------------------------------------------- exports
@@ -96,6 +106,11 @@ class Deployment:
                                 f"(it holds {', '.join(store.names()) or 'none'})")
         if not names:
             raise MoepruneError(f"the store {self.store} holds no patterns to deploy")
+        if self.engines is not None:
+            if isinstance(self.engines, bool) or not isinstance(self.engines, int) or self.engines < 1:
+                raise MoepruneError(f"--engines must be an integer >= 1, got {self.engines!r}")
+            names = names[:self.engines]  # fewer patterns than engines: engines share exports
+            _same_budget(names, [store.find(n) for n in names])
         out = {}
         for name in names:
             pattern = store.find(name)
@@ -109,17 +124,23 @@ class Deployment:
     # -------------------------------------------------------------- engines
     def launch(self, exports: dict[str, Path]) -> None:
         """Start one engine per export (and the fallback) on consecutive loopback ports."""
-        targets = [*exports.items(), *([("fallback", Path(self.model))] if self.fallback else [])]
+        targets = list(exports.items())
+        if self.engines is not None:
+            folders = list(exports.values())
+            targets = [(f"engine{i}", folders[i % len(folders)]) for i in range(self.engines)]
+        targets += [("fallback", Path(self.model))] if self.fallback else []
         logs = Path(self.exports) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         for i, (name, folder) in enumerate(targets):
             port = self.base_port + i
-            cmd = engine_command(self.engine, str(folder), port, name, self.engine_args)
+            swappable = self.engines is not None and name != "fallback"
+            cmd = engine_command(self.engine, str(folder), port, name, self.engine_args, swappable)
             server = Server(name, str(folder), port, cmd, logs / f"{name}.log")
+            env = {**os.environ, **SWAPPABLE_ENV} if swappable else None
             with open(server.log, "ab") as log:
                 try:
                     # a process group of its own: Ctrl-C in the terminal reaches the front, which stops them
-                    server.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                    server.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                                       stdin=subprocess.DEVNULL, start_new_session=True)
                 except OSError as e:
                     self.stop()
@@ -172,6 +193,18 @@ class Deployment:
         self.servers.clear()
 
 
+def _same_budget(names: list[str], patterns: list) -> None:
+    """Swappable engines hold the same number of experts per layer: refuse patterns that differ."""
+    first = patterns[0].counts
+    for name, pattern in zip(names[1:], patterns[1:], strict=True):
+        counts = pattern.counts
+        for layer in sorted(set(first) | set(counts)):
+            if counts.get(layer) != first.get(layer):
+                raise MoepruneError(f"--engines: pattern {name} keeps {counts.get(layer, 0)} experts in layer "
+                                    f"{layer}, pattern {names[0]} keeps {first.get(layer, 0)}; swappable engines "
+                                    f"need the same number in every layer")
+
+
 def _signal(process: subprocess.Popen, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):  # already gone
         os.killpg(process.pid, sig)
@@ -196,19 +229,27 @@ def _tail(log: Path, lines: int = 3) -> str:
 
 def deploy(store: str, model: str, exports: str, engine: str = "vllm", engine_args: list[str] | None = None,
            base_port: int = 8100, patterns: list[str] | None = None, fallback: bool = True, host: str = "127.0.0.1",
-           port: int = 8000, api_key: str | None = None, dtype=None, progress: bool = False) -> None:
-    """Start the engines and run the routing front over them until Ctrl-C; then stop everything."""
+           port: int = 8000, api_key: str | None = None, dtype=None, progress: bool = False,
+           engines: int | None = None) -> None:
+    """Start the engines and run the routing front over them until Ctrl-C; then stop everything.
+    `engines`: N swappable engines multiplexing every stored pattern, instead of one per pattern."""
     from .route import route
     from .server import check_port
 
     check_port(port)
     check_port(base_port)
-    d = Deployment(store, model, exports, engine, list(engine_args or []), base_port, patterns, fallback)
+    d = Deployment(store, model, exports, engine, list(engine_args or []), base_port, patterns, fallback,
+                   engines=engines)
     urls = d.start(progress)
     try:
         fallback_url = urls.pop("fallback", None)
-        for name, url in {**urls, **({"fallback": fallback_url} if fallback_url else {})}.items():
-            print(f"moeprune deploy: {name} served at {url}", file=sys.stderr, flush=True)
-        route(model, store, urls, fallback_url, host=host, port=port, api_key=api_key, dtype=dtype)
+        for s in d.servers:
+            what = f" (swappable, starting on {Path(s.model).name})" if s.name.startswith("engine") and engines else ""
+            print(f"moeprune deploy: {s.name}{what} served at {s.url}", file=sys.stderr, flush=True)
+        if engines is not None:
+            route(model, store, {}, fallback_url, host=host, port=port, api_key=api_key, dtype=dtype,
+                  engines=list(urls.values()))
+        else:
+            route(model, store, urls, fallback_url, host=host, port=port, api_key=api_key, dtype=dtype)
     finally:
         d.stop()

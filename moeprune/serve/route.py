@@ -11,6 +11,10 @@ headers and `moeprune` field. Everything else in a request is the upstream's bus
 goes through with only `model` rewritten to the upstream's own id, and a streamed response comes
 back byte for byte. Upstreams are health-checked in the background: a down one gets a 503 that
 names it, at once, and a request never waits longer than the connect timeout to learn it.
+
+With a pool of swappable engines (`engines`, see `multiplex`), every stored pattern is servable: a
+pattern with a fixed upstream goes there, any other to an engine of the pool, swapped to it if
+needed; the fallback still serves `base:full` and unmatched queries.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import contextlib
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import httpx2 as httpx
@@ -51,19 +56,36 @@ class RouteConfig:
     connect_timeout: float = 3.0
     read_timeout: float = 600.0
     health_interval: float = 5.0
+    engines: list[str] | None = None  # the pool of swappable engines' /v1 URLs (None: no pool)
+    source: str | None = None  # the full checkpoint the engines read swapped-in experts from
+    max_queue: int = 256  # requests waiting for a pool engine; beyond it: 429
+    queue_timeout: float = 300.0  # the longest wait for a pool engine; then 503
+    swap_timeout: float = 600.0
 
     def __post_init__(self) -> None:
-        if not self.upstreams and not self.fallback:
+        if self.engines is not None:
+            if not self.engines:
+                raise MoepruneError("a pool of swappable engines needs at least one engine (--engine URL)")
+            if not self.source:
+                raise MoepruneError("a pool of swappable engines needs the source checkpoint to swap experts from")
+            for i, url in enumerate(self.engines):
+                check_url(url, f"engine{i}")
+            if len(set(self.engines)) != len(self.engines):
+                raise MoepruneError("an engine URL is given twice")
+            clash = [n for n in self.upstreams if n in {f"engine{i}" for i in range(len(self.engines))}]
+            if clash:
+                raise MoepruneError(f"--upstream {clash[0]}: the name of a pool engine; rename the pattern")
+        elif not self.upstreams and not self.fallback:
             raise MoepruneError("give at least one upstream (--upstream NAME=URL) or a --fallback URL")
         for name, url in [*self.upstreams.items(), *([(FALLBACK, self.fallback)] if self.fallback else [])]:
             check_url(url, name)
         if FALLBACK in self.upstreams or "full" in self.upstreams:
             raise MoepruneError("'fallback' and 'full' name the fallback upstream; give it with --fallback URL")
-        for name in ("max_body_bytes", "max_in_flight"):
+        for name in ("max_body_bytes", "max_in_flight", "max_queue"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise MoepruneError(f"{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
-        for name in ("connect_timeout", "read_timeout", "health_interval"):
+        for name in ("connect_timeout", "read_timeout", "health_interval", "queue_timeout", "swap_timeout"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise MoepruneError(f"{name.replace('_', '-')} must be a positive number of seconds, got {value!r}")
@@ -140,16 +162,27 @@ def _metrics():
         "in_flight": Gauge("moeprune_requests_in_flight", "Requests being proxied", registry=reg),
         "retrieval_seconds": Histogram("moeprune_retrieval_seconds", "Signature and store search time",
                                        registry=reg),
+        # the pool of swappable engines: engine names (engine0, ...) come from the configuration
+        "swaps": Counter("moeprune_swaps", "Engine swaps to another pattern, by outcome", ["engine", "outcome"],
+                         registry=reg),
+        "swap_bytes": Counter("moeprune_swap_bytes_read", "Checkpoint bytes read by successful swaps", ["engine"],
+                              registry=reg),
+        "swap_seconds": Histogram("moeprune_swap_seconds", "Time of a successful swap, pause to resume",
+                                  ["engine"], registry=reg, buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)),
+        "queue_wait": Histogram("moeprune_queue_wait_seconds", "Time a request waited for a pool engine",
+                                registry=reg),
+        "waiting": Gauge("moeprune_requests_waiting", "Requests waiting for a pool engine", registry=reg),
     }
 
 
 # ---------------------------------------------------------------------------------------------- routing
 @dataclass
 class Route:
-    upstream: Upstream
+    upstream: Upstream | None  # None: a pool engine, chosen when admitted
     name: str  # the pattern served ("fallback" for the fallback upstream)
     fell_back: bool
     details: dict = field(default_factory=dict)
+    release: Callable[[], None] | None = None  # the pool admission, released when the request ends
 
     def info(self) -> dict:
         return {"pattern": self.name, "fell_back": self.fell_back, "upstream": self.upstream.name, **self.details}
@@ -166,13 +199,24 @@ class Router:
             if name not in store.names():
                 raise MoepruneError(f"--upstream {name}: the store {store.path} holds no pattern {name!r} "
                                     f"(it holds {', '.join(store.names()) or 'none'})")
+        self.pool = None
+        if config.engines is not None:
+            from .multiplex import Engine, Multiplexer
+
+            self.pool = Multiplexer([Engine(f"engine{i}", url, index=i) for i, url in enumerate(config.engines)],
+                                    store, config.max_queue, config.queue_timeout)
 
     def all(self) -> list[Upstream]:
-        return [*self.upstreams.values(), *([self.fallback] if self.fallback else [])]
+        return [*self.upstreams.values(), *([self.fallback] if self.fallback else []),
+                *(self.pool.engines if self.pool else [])]
+
+    def served(self) -> list[str]:
+        """The patterns that can be pinned: fixed upstreams', then (with a pool) every stored one."""
+        return [*self.upstreams, *(n for n in (self.store.names() if self.pool else []) if n not in self.upstreams)]
 
     def model_ids(self) -> list[str]:
         base = self.config.model_name
-        return [base, *([f"{base}:full"] if self.fallback else []), *(f"{base}:{n}" for n in self.upstreams)]
+        return [base, *([f"{base}:full"] if self.fallback else []), *(f"{base}:{n}" for n in self.served())]
 
     def choose(self, model_field: str | None, queries: list) -> Route:
         base = self.config.model_name
@@ -186,10 +230,15 @@ class Router:
                                code="model_not_found", param="model")
             return Route(self.fallback, FALLBACK, False, {"reason": "requested"})
         if name:
-            if name not in self.upstreams:
+            if name in self.upstreams:
+                return Route(self.upstreams[name], name, False, {"reason": "pinned"})
+            if self.pool is None or name not in self.store.names():
                 raise APIError(404, f"no upstream serves pattern {name!r}; see GET /v1/models",
                                code="model_not_found", param="model")
-            return Route(self.upstreams[name], name, False, {"reason": "pinned"})
+            problem = self.pool.problem(name)
+            if problem is not None:
+                raise APIError(400, problem, code="pattern_unservable", param="model")
+            return Route(None, name, False, {"reason": "pinned"})
         return self._retrieve(queries)
 
     def _retrieve(self, queries: list) -> Route:
@@ -205,6 +254,11 @@ class Router:
             why = first.reason if first.fell_back else "the request's prompts retrieved different patterns"
             return self._fall_back({**details, "reason": why})
         name = names.pop()
+        if name not in self.upstreams and self.pool is not None:
+            problem = self.pool.problem(name)
+            if problem is None:
+                return Route(None, name, False, details)
+            return self._fall_back({**details, "reason": f"retrieved {name}: {problem}", "retrieved": name})
         if name not in self.upstreams:
             return self._fall_back({**details, "reason": f"retrieved {name}, which no upstream serves",
                                     "retrieved": name})
@@ -258,6 +312,14 @@ class Front:
         self._own_client = client is None
         self.in_flight = 0
         self._checker: asyncio.Task | None = None
+        if router.pool is not None:
+            from .multiplex import HTTPEngineControl
+
+            router.pool.metrics = metrics
+            for e in router.pool.engines:
+                if e.control is None:
+                    e.control = HTTPEngineControl(e.url, self.client, config.source, config.swap_timeout,
+                                                  self._headers())
 
     def _headers(self) -> dict:
         key = self.config.upstream_api_key
@@ -281,6 +343,8 @@ class Front:
 
     async def check_all(self) -> None:
         await asyncio.gather(*(self.check(u) for u in self.router.all()))
+        if self.router.pool is not None:  # engines that did not tell their resident pattern yet, then waiters
+            await self.router.pool.learn()
 
     async def _keep_checking(self) -> None:
         while True:
@@ -295,6 +359,8 @@ class Front:
         self._checker = asyncio.create_task(self._keep_checking())
 
     async def stop(self) -> None:
+        if self.router.pool is not None:
+            await self.router.pool.stop()
         if self._checker is not None:
             self._checker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -321,6 +387,8 @@ class Front:
                 released = True
                 self.in_flight -= 1
                 self.metrics["in_flight"].set(self.in_flight)
+                if route.release is not None:
+                    route.release()
 
         try:
             response = await self._forward(request, path, {**body, "model": up.model_id}, route, release)
@@ -433,11 +501,13 @@ def create_route_app(router: Router, config: RouteConfig, client: httpx.AsyncCli
 
     @app.get("/health")
     async def health():
-        ups = {u.name: {"url": u.url, "healthy": u.healthy, "model": u.model_id, **({"problem": u.problem}
-                                                                                    if not u.healthy else {})}
+        ups = {u.name: {"url": u.url, "healthy": u.healthy, "model": u.model_id,
+                        **({"problem": u.problem} if not u.healthy or getattr(u, "state", "") == "failed" else {}),
+                        **(u.status() if hasattr(u, "status") else {})}
                for u in router.all()}
-        ok = all(u.healthy for u in router.all())
-        return JSONResponse({"status": "ok" if ok else "degraded", "upstreams": ups})
+        ok = all(u.healthy and getattr(u, "state", "ready") == "ready" for u in router.all())
+        extra = {"waiting": router.pool.waiting} if router.pool is not None else {}
+        return JSONResponse({"status": "ok" if ok else "degraded", "upstreams": ups, **extra})
 
     @app.get("/v1/models")
     async def models():
@@ -466,8 +536,21 @@ def create_route_app(router: Router, config: RouteConfig, client: httpx.AsyncCli
         else:
             route = await run_in_threadpool(router.choose, model, queries)
             metrics["retrieval_seconds"].observe(time.perf_counter() - t0)
+        if route.upstream is None:  # a pool engine: wait for one holding the pattern
+            metrics["waiting"].inc()
+            try:
+                lease = await router.pool.acquire(route.name)
+            finally:
+                metrics["waiting"].dec()
+            route.upstream, route.release = lease.engine, lease.release
+            route.details.update(lease.info())
         metrics["retrievals"].labels(route.upstream.name, str(route.fell_back).lower()).inc()
-        return await front.forward(request, path, body, route)
+        try:
+            return await front.forward(request, path, body, route)
+        except BaseException:
+            if route.release is not None:  # refused before the proxying began (idempotent otherwise)
+                route.release()
+            raise
 
     @app.post("/v1/completions")
     async def completions(request: Request):
@@ -482,9 +565,12 @@ def create_route_app(router: Router, config: RouteConfig, client: httpx.AsyncCli
 
 def route(model: str, store_path: str, upstreams: dict[str, str], fallback: str | None = None,
           host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None, upstream_api_key: str | None = None,
-          dtype=None, device: str = "cpu", threads: int | None = None, log_level: str = "info") -> None:
+          dtype=None, device: str = "cpu", threads: int | None = None, log_level: str = "info",
+          engines: list[str] | None = None, max_queue: int = 256, queue_timeout: float = 300.0,
+          swap_timeout: float = 600.0) -> None:
     """Load the signature model (on `device`) and the store and run the front until Ctrl-C. `threads`:
-    torch's CPU threads for retrieval (fewer than the cores keeps a busy front's retrievals short)."""
+    torch's CPU threads for retrieval (fewer than the cores keeps a busy front's retrievals short).
+    `engines`: a pool of swappable engines (their /v1 URLs), which swap experts in from `model`."""
     import os
     import sys
 
@@ -497,8 +583,11 @@ def route(model: str, store_path: str, upstreams: dict[str, str], fallback: str 
     check_port(port)
     api_key = api_key or os.environ.get("MOEPRUNE_API_KEY")
     name = os.path.basename(os.path.normpath(str(model))) or "model"
+    source = os.path.abspath(model) if os.path.isdir(model) else model  # the engines' workers read it
     config = RouteConfig(model_name=name, upstreams=upstreams, fallback=fallback, api_key=api_key,
-                         upstream_api_key=upstream_api_key)
+                         upstream_api_key=upstream_api_key, engines=engines,
+                         source=source if engines is not None else None, max_queue=max_queue,
+                         queue_timeout=queue_timeout, swap_timeout=swap_timeout)
     store = PatternStore(store_path, on_corrupt="skip")
     store.info()  # fail fast on a missing or broken store
     if not is_loopback(host) and not api_key:
