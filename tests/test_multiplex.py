@@ -155,6 +155,27 @@ def test_a_busy_engine_is_drained_before_its_swap_and_admits_nothing_meanwhile()
     asyncio.run(main())
 
 
+def test_requests_queued_for_the_resident_pattern_go_before_the_next_swap():
+    """A mixed queue b, a, b, a behind a swap to b: both b's are served after it, then one swap to a for
+    both a's (first come first served alone would swap for every request)."""
+    async def main():
+        pool = await make_pool(["c"])
+        e = pool.engines[0]
+        e.control.gate = asyncio.Event()
+        tasks = [asyncio.create_task(pool.acquire(n)) for n in ("b", "a", "b", "a")]
+        await until(lambda: pool.waiting == 4 and e.control.started.is_set())
+        e.control.gate.set()
+        await until(lambda: tasks[0].done() and tasks[2].done())
+        assert e.resident == "b" and e.in_flight == 2 and e.target == "a" and not tasks[1].done()
+        for t in (tasks[0], tasks[2]):
+            t.result().release()
+        leases = [await tasks[1], await tasks[3]]
+        assert e.control.swaps == ["b", "a"] and e.in_flight == 2
+        for lease in leases:
+            lease.release()
+    asyncio.run(main())
+
+
 def test_queue_overflow_is_a_429():
     async def main():
         pool = await make_pool(["a"], max_queue=2)

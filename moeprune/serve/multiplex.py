@@ -10,7 +10,8 @@ to any stored pattern with the same per-layer counts. The scheduling policy:
 - else the request claims a victim: the least recently used idle engine (unknown residents first),
   or when none is idle the least recently used engine not already claimed. A claimed engine admits
   nothing new; once its in-flight requests have finished it is swapped, then admits its waiters.
-- waiters are served first come first served; at most `max_queue` wait (then 429), none longer than
+- waiters for a resident pattern are admitted before any engine is claimed for another (what is
+  queued is batched); claims go first come first served; at most `max_queue` wait (then 429), none longer than
   `queue_timeout` (then 503; a claim nobody waits for any more is dropped). A failed swap takes its
   engine out of service until the front restarts (unknown resident, not resumed) and answers the
   requests that waited for it with a 503 naming the engine.
@@ -305,7 +306,10 @@ class Multiplexer:
         self.dispatch()
 
     def dispatch(self) -> None:
-        """Place waiters, first come first served; claim victims for patterns nobody holds."""
+        """Admit every waiter whose pattern an admitting engine holds, then claim victims for the rest,
+        first come first served. Admitting first batches the requests already queued for a resident
+        pattern before that engine is claimed for another (a swap per request otherwise, in a mixed
+        stream); a claim still stops new admissions, so no pattern waits behind an endless stream."""
         for w in list(self._waiting):
             if w.future.done():
                 self._waiting.remove(w)
@@ -317,7 +321,7 @@ class Multiplexer:
                 e.in_flight += 1
                 e.used = next(self._tick)
                 w.future.set_result(e)
-                continue
+        for w in self._waiting:
             if any(e.target == w.name for e in self.engines):
                 continue  # queued behind the swap already under way
             free = [e for e in self.engines if e.usable and e.target is None]
