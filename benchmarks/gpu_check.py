@@ -137,7 +137,30 @@ def stream_check() -> int:
                 failures += not ok
                 print(f"stream {model_type:<12} {dtype:<9} cuda: profile max rel diff {rel:.2e}, "
                       f"perplexity rel diff {d_eval:.2e}  {'OK' if ok else 'FAIL'}", flush=True)
+                failures += parallel_check(tmp, streamed, e_stream, docs, model_type, dtype)
     return failures
+
+
+def parallel_check(folder: str, one, e_one, docs: list[str], model_type: str, dtype: str) -> int:
+    """Data parallel over every GPU: the same profile and perplexity as on one (signatures exact,
+    statistics to 1e-12 relative: float64 partial sums added in another order)."""
+    import torch
+
+    n = torch.cuda.device_count()
+    if n < 2:
+        print(f"parallel {model_type:<10} {dtype:<9} skipped: {n} GPU (needs 2)", flush=True)
+        return 0
+    devices = [f"cuda:{i}" for i in range(n)]
+    par = moeprune.profile(folder, PROMPTS, dtype=dtype, device=devices, batch_size=2)
+    e_par = moeprune.evaluate(folder, docs, window=16, dtype=dtype, device=devices)
+    rel = max(((one.stats[k] - par.stats[k]).abs().max() / one.stats[k].abs().max().clamp(min=1e-30)).item()
+              for k in one.stats)
+    exact = torch.equal(one.signatures, par.signatures) and torch.equal(one.routing, par.routing)
+    d_eval = abs(e_one.nll - e_par.nll) / abs(e_one.nll)
+    ok = exact and rel <= 1e-12 and d_eval <= 1e-9
+    print(f"parallel {model_type:<10} {dtype:<9} {n} GPUs: signatures and routing {'equal' if exact else 'DIFFER'}, "
+          f"statistics max rel diff {rel:.2e}, perplexity rel diff {d_eval:.2e}  {'OK' if ok else 'FAIL'}", flush=True)
+    return int(not ok)
 
 
 def quantized_check(tok) -> int:

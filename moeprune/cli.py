@@ -189,7 +189,8 @@ def _add_stream_options(p) -> None:
                         "spill to a temporary file beyond it")
     p.add_argument("--no-stream", action="store_true",
                    help="load the whole model first instead of running it one decoder layer at a time")
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where each layer runs")
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda[:N]: where each layer runs; several (cuda:0,cuda:1) split the batches among them")
 
 
 def _cmd_estimate(args) -> int:

@@ -109,12 +109,16 @@ def evaluate(
             parse_bytes(memory_budget)
             streamed = LayerStream(path, dtype=dtype, device=device, pattern=pattern, memory_budget=memory_budget)
             model = streamed.model
-        elif pattern is not None:
-            from .slim import load_slim
-
-            model = load_slim(path, pattern, dtype=dtype, device=device)
         else:
-            model = load_model(path, dtype=dtype, device=str(device))[0]
+            from .stream import one_device
+
+            device = one_device(device)
+            if pattern is not None:
+                from .slim import load_slim
+
+                model = load_slim(path, pattern, dtype=dtype, device=device)
+            else:
+                model = load_model(path, dtype=dtype, device=str(device))[0]
         tokenizer = tokenizer or load_tokenizer(path)
     elif pattern is not None:
         raise MoepruneError("pattern= needs a checkpoint folder, not a loaded model (use load_slim first)")

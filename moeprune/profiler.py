@@ -43,9 +43,10 @@ class _Recorder:
         self.hidden_sum: torch.Tensor | None = None  # [n_prompts, hidden]: router input at the first MoE layer
         self.valid: torch.Tensor | None = None  # [B*S] bool: real tokens of the current batch
         self.prompt_ids: torch.Tensor | None = None  # [B*S] long
+        self.batch = 0  # the current batch's index: orders the routing record across devices
         self.residual: dict[int, torch.Tensor] = {}
-        # Per-token top-k picks (first `routing_cap` real tokens) for miss-rate diagnostics.
-        self.routing: list[list[torch.Tensor]] = [[] for _ in range(n_layers)]
+        # Per-token top-k picks (first `routing_cap` real tokens) for miss-rate diagnostics, by batch.
+        self.routing: list[list[tuple[int, torch.Tensor]]] = [[] for _ in range(n_layers)]
         self.routing_left = [routing_cap] * n_layers
 
     def _add(self, pos: int, index: torch.Tensor, **values: torch.Tensor) -> None:
@@ -88,12 +89,30 @@ class _Recorder:
         flat = picks.reshape(-1)
         if self.routing_left[pos] > 0:
             kept = picks[: self.routing_left[pos]].to("cpu", torch.int16)
-            self.routing[pos].append(kept)
+            self.routing[pos].append((self.batch, kept))
             self.routing_left[pos] -= len(kept)
         w = weights[v].float()
         gn = w * norms[v]
         self._add(pos, flat, frequency=torch.ones_like(w), mass=w, gate_norm=gn,
                   easy_ep=gn * contribution[v].unsqueeze(-1))
+
+
+def _merged(recs: list[_Recorder], cap: int) -> _Recorder:
+    """Recorders of disjoint batches (one per device) as one: float64 sums, and the routing record
+    of the first `cap` tokens in batch order, as one recorder over every batch keeps."""
+    out = recs[0]
+    for r in recs[1:]:
+        for k in out.stats:
+            out.stats[k] += r.stats[k]
+        out.sig_sum += r.sig_sum
+        out.sig_count += r.sig_count
+        if r.hidden_sum is not None:  # a device with no batch never saw the first router's input
+            out.hidden_sum = r.hidden_sum if out.hidden_sum is None else out.hidden_sum + r.hidden_sum
+    for pos in range(len(out.routing)):
+        chunks = sorted((c for r in recs for c in r.routing[pos]), key=lambda c: c[0])
+        picks = torch.cat([t for _, t in chunks])[:cap] if chunks else None
+        out.routing[pos] = [] if picks is None else [(0, picks)]
+    return out
 
 
 @contextlib.contextmanager
@@ -148,7 +167,8 @@ def profile(
     `model` is a loaded transformers MoE model or a checkpoint folder (or hub id). A folder is
     streamed one decoder layer at a time (`moeprune.stream`: exact, and memory stays about two
     layers plus the activations, which `memory_budget` bounds by spilling them to disk) on
-    `device`; `stream=False` loads it whole first. `prompts` is a list of strings / chat-message
+    `device`, or data parallel on several ("cuda:0,cuda:1": each runs every n-th batch; the
+    statistics are float64 sums of theirs); `stream=False` loads it whole first. `prompts` is a list of strings / chat-message
     lists, or a .txt (one per line) or .jsonl (`text` or `messages`) file. Prompts run in
     right-padded batches; padding tokens are never counted. Prompts longer than `max_length`
     tokens (default 512, or the model's context if shorter) are cut; the profile's `n_cut` says
@@ -181,7 +201,9 @@ def profile(
             model = streamed.model
             tokenizer = tokenizer or load_tokenizer(path)
         else:
-            model, loaded_tok = load_model(path, dtype=dtype, device=str(device))
+            from .stream import one_device
+
+            model, loaded_tok = load_model(path, dtype=dtype, device=str(one_device(device)))
             tokenizer = tokenizer or loaded_tok
     try:
         return _profile(model, items, streamed, tokenizer, domain, batch_size, max_length, tcess_threshold,
@@ -201,11 +223,13 @@ def _profile(model, items, streamed, tokenizer, domain, batch_size, max_length, 
     max_length = resolve_length(max_length, 512, model.config, "max_length")
     blocks = adapter.blocks(model)
     n_experts = adapter.num_experts(model.config)
-    device = streamed.device if streamed is not None else model_device(model)
+    models = streamed.models if streamed is not None else [model]
+    device_of = streamed.device_of if streamed is not None else (lambda b: model_device(model))
+    index_of = streamed.device_index if streamed is not None else (lambda b: 0)
 
     encoded, pad_id, n_cut = encode(items, tokenizer, max_length)
 
-    rec = _Recorder(adapter, len(blocks), n_experts, len(items), tcess_threshold, routing_tokens)
+    recs = [_Recorder(adapter, len(blocks), n_experts, len(items), tcess_threshold, routing_tokens) for _ in models]
     batches = _batches([len(e) for e in encoded], batch_size)
     inputs, masks = [], []
     for batch in batches:
@@ -214,23 +238,29 @@ def _profile(model, items, streamed, tokenizer, domain, batch_size, max_length, 
         mask = torch.tensor([[1] * len(encoded[i]) + [0] * (width - len(encoded[i])) for i in batch])
         owner = torch.tensor(batch).unsqueeze(1).expand(-1, width)
         inputs.append({"input_ids": ids, "attention_mask": mask})
+        device = device_of(len(masks))
         masks.append((mask.reshape(-1).bool().to(device), owner.reshape(-1).to(device)))
 
-    def select(b: int) -> None:
+    def select(b: int) -> None:  # on the thread of the batch's device, whose recorder only it touches
+        rec = recs[index_of(b)]
         rec.valid, rec.prompt_ids = masks[b]
+        rec.batch = b
 
     was_training = model.training
     try:
         model.eval()
-        with _recording(model, adapter, rec):
+        with contextlib.ExitStack() as stack:
+            for m, r in zip(models, recs, strict=True):
+                stack.enter_context(_recording(m, adapter, r))
             if streamed is not None:
                 streamed.run(inputs, before=lambda layer, b: select(b), progress=progress)
             else:
                 for b in tqdm(range(len(inputs)), desc="profiling", unit="batch", disable=not progress):
                     select(b)
-                    model(**{k: v.to(device) for k, v in inputs[b].items()}, use_cache=False)
+                    model(**{k: v.to(device_of(b)) for k, v in inputs[b].items()}, use_cache=False)
     finally:
         model.train(was_training)
+    rec = _merged(recs, routing_tokens)
 
     n_tokens = int(sum(len(e) for e in encoded))
     meta = {
@@ -257,5 +287,5 @@ def _profile(model, items, streamed, tokenizer, domain, batch_size, max_length, 
     count = rec.sig_count.clamp(min=1).unsqueeze(-1)
     signatures = (rec.sig_sum / count).float()
     hidden = (rec.hidden_sum / count).float() if rec.hidden_sum is not None else None
-    routing = torch.stack([torch.cat(r) for r in rec.routing]) if routing_tokens > 0 else None
+    routing = torch.stack([torch.cat([t for _, t in r]) for r in rec.routing]) if routing_tokens > 0 else None
     return Profile(dict(rec.stats), signatures, meta, routing, hidden)

@@ -15,7 +15,9 @@
    the family's own code.
 
 The same operations run on the same batches in the same order as a whole-model forward, so on one
-device and dtype the results are bit-identical. Memory: two layers in the compute dtype, the
+device and dtype the results are bit-identical. With several devices (`device="cuda:0,cuda:1"`) every
+device holds its own copy of the current layer and runs every n-th batch on a thread of its own: the
+layer is still read once, into host buffers copied to each device. Memory: two layers in the compute dtype, the
 embedding or head, and the hidden-state cache, which `memory_budget` bounds by spilling it to a
 file. Each needed checkpoint byte is read once.
 """
@@ -23,6 +25,7 @@ file. Each needed checkpoint byte is read once.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
@@ -61,6 +64,36 @@ def parse_bytes(value: int | str | None, what: str = "memory budget") -> int | N
     if n <= 0:
         raise MoepruneError(f"{what} must be positive, got {value!r}")
     return n
+
+
+def parse_devices(device) -> list[torch.device]:
+    """One device, or several for data parallelism ('cuda:0,cuda:1', a list). 'cpu' may repeat (CPU
+    threads; for testing the parallel path), a GPU may not."""
+    if isinstance(device, str) and "," in device:
+        items: list = [d.strip() for d in device.split(",") if d.strip()]
+    elif isinstance(device, (list, tuple)):
+        items = list(device)
+    else:
+        items = [device]
+    try:
+        devices = [torch.device(d) for d in items]
+    except (RuntimeError, TypeError):
+        raise MoepruneError(f"{device!r} is not a device or a list of devices (e.g. cuda:0,cuda:1)") from None
+    if not devices:
+        raise MoepruneError("no device given")
+    gpus = [d for d in devices if d.type != "cpu"]
+    if len(set(gpus)) != len(gpus):
+        raise MoepruneError(f"a device is listed twice in {device!r}")
+    return devices
+
+
+def one_device(device) -> torch.device:
+    """`device`, which must name one device: several run the streamed path only."""
+    devices = parse_devices(device)
+    if len(devices) > 1:
+        raise MoepruneError(f"several devices ({device}) split batches in the layer-streamed run only; drop "
+                            f"stream=False (--no-stream) or give one device")
+    return devices[0]
 
 
 def module_bytes(module: nn.Module) -> int:
@@ -223,7 +256,8 @@ class LayerStream:
     def _open(self, dtype, device, pattern, budget, spill_dir, threads) -> None:
         ckpt = self.ckpt
         self.adapter, self.config, self.folder = ckpt.adapter, ckpt.config, ckpt.folder
-        self.device = torch.device(device)
+        self.devices = parse_devices(device)
+        self.device = self.devices[0]
         self.dtype = ckpt.dtype(dtype)
         self.threads = threads
         self.budget, self.spill_dir = budget, spill_dir
@@ -238,6 +272,8 @@ class LayerStream:
         self.model, self._routers = ckpt.slim_skeleton(kept, self.dtype, routers)
         self.model.eval()
         self.model.config._name_or_path = str(self.folder)
+        # data parallel: one meta skeleton per device, each running its share of the batches
+        self.models = [self.model] + [copy.deepcopy(self.model) for _ in self.devices[1:]]
         self.layers = self.adapter.decoder_layers(self.model)
         fused = {n for layer in kept for n in self.adapter.fused_keys(layer)}
         plan, used = ckpt.backbone_plan(self.model, fused | set(self._routers))
@@ -290,9 +326,26 @@ class LayerStream:
         return buffers
 
     def _install(self, buffers: dict[str, torch.Tensor]) -> None:
-        for name, value in buffers.items():
-            buffers[name] = value.to(self.device, non_blocking=True)
-        Checkpoint.fill(self.model, buffers)
+        """Fill every device's skeleton from one set of host buffers (emptied as it goes)."""
+        for k in range(len(self.models) - 1, -1, -1):  # device 0 last: it takes the host buffers themselves
+            mine = buffers if k == 0 else dict(buffers)
+            for name, value in mine.items():
+                mine[name] = value.to(self.devices[k], non_blocking=True)
+            Checkpoint.fill(self.models[k], mine)
+
+    def device_index(self, batch: int) -> int:
+        """Which device runs batch `batch` (round robin)."""
+        return batch % len(self.devices)
+
+    def device_of(self, batch: int) -> torch.device:
+        return self.devices[self.device_index(batch)]
+
+    def share(self, n_batches: int) -> list[list[int]]:
+        """The batches each device runs, in order."""
+        out: list[list[int]] = [[] for _ in self.devices]
+        for b in range(n_batches):
+            out[self.device_index(b)].append(b)
+        return out
 
     def _free(self, module: nn.Module) -> None:
         module.to("meta")
@@ -306,10 +359,12 @@ class LayerStream:
             head: Callable[[int, torch.Tensor], None] | None = None, progress: bool = False) -> StreamReport:
         """Run `batches` (dicts of model inputs: input_ids, attention_mask) through the model layer by
         layer. `before(layer, batch)` is called before each layer forward (set per-batch state for
-        hooks); with `head`, `head(batch, logits)` gets each batch's output logits at the end."""
+        hooks); with `head`, `head(batch, logits)` gets each batch's output logits at the end. With
+        several devices each runs its `share` of the batches on its own skeleton, one thread per
+        device: `before` for a batch is called on the thread of `device_of(batch)`; `head` on this one."""
         model, n_layers = self.model, len(self.layers)
-        emb, out_emb = model.get_input_embeddings(), model.get_output_embeddings()
         tied = bool(tied_names(model))  # the output head is the embedding: keep it to the end
+        out_emb = model.get_output_embeddings()
         head_names = {f"{name}.{p}" for name, m in model.named_modules() if m is out_emb
                       for p, _ in m.named_parameters()}
         kwargs: list[list[dict]] = [[None] * len(batches) for _ in range(n_layers)]
@@ -318,25 +373,18 @@ class LayerStream:
         prefetch, spill = self._plan_memory(cache_bytes)
         cache = HiddenCache(self.spill_dir or tempfile.gettempdir()) if spill else HiddenCache()
         self.report.cache_bytes, self.report.spilled, self.report.prefetch = cache_bytes, spill, prefetch
+        shares = self.share(len(batches))
+        layers = [self.adapter.decoder_layers(m) for m in self.models]
         try:
             # 1. catch: everything outside the decoder layers but the output head, then the stubs
             self._install(self._stage(self._outer(lambda n: n not in head_names), None))
-            current = 0
-
-            def sink(index: int, hidden: torch.Tensor, kw: dict) -> None:
-                kwargs[index][current] = kw
-                if index == 0:
-                    cache.put(current, hidden)
-
-            stubs = [_Catch(i, i == n_layers - 1, sink) for i in range(n_layers)]
-            with _swapped(self.layers, stubs), torch.no_grad():
-                for current, batch in enumerate(batches):  # noqa: B007 - read by sink
-                    with contextlib.suppress(_Stop):
-                        model(**{k: v.to(self.device) for k, v in batch.items()}, use_cache=False)
-            if not tied:
-                self._free(emb)
+            for k, m in enumerate(self.models):
+                self._catch(m, layers[k], [(b, batches[b]) for b in shares[k]], self.devices[k], kwargs, cache)
+                if not tied:
+                    self._free(m.get_input_embeddings())
             # 2. the decoder layers, the next one read while this one runs
-            with ThreadPoolExecutor(max_workers=1) as reader:
+            with ThreadPoolExecutor(max_workers=1) as reader, \
+                    ThreadPoolExecutor(max_workers=max(1, len(self.models) - 1)) as workers:
                 pending: Future | None = reader.submit(self._stage, self._layer_plan[0], 0)
                 for i in tqdm(range(n_layers), desc="layers", unit="layer", disable=not progress):
                     buffers = pending.result()
@@ -345,33 +393,66 @@ class LayerStream:
                     del buffers
                     if prefetch and i + 1 < n_layers:
                         pending = reader.submit(self._stage, self._layer_plan[i + 1], i + 1)
-                    layer = self.layers[i]
-                    with torch.no_grad():
-                        for b in range(len(batches)):
-                            if before is not None:
-                                before(i, b)
-                            cache.put(b, layer(cache.get(b).to(self.device), **kwargs[i][b]))
-                            kwargs[i][b] = None
-                    self._free(layer)
+
+                    def work(k: int, i: int = i) -> None:
+                        layer, device = layers[k][i], self.devices[k]
+                        with torch.no_grad():
+                            for b in shares[k]:
+                                if before is not None:
+                                    before(i, b)
+                                cache.put(b, layer(cache.get(b).to(device), **kwargs[i][b]))
+                                kwargs[i][b] = None
+
+                    others = [workers.submit(work, k) for k in range(1, len(self.models))]
+                    work(0)
+                    for f in others:
+                        f.result()
+                    for k in range(len(self.models)):
+                        self._free(layers[k][i])
                     if not prefetch and i + 1 < n_layers:
                         pending = reader.submit(self._stage, self._layer_plan[i + 1], i + 1)
             # 3. the head, on the last hidden states
             if head is not None:
                 self._install(self._stage(self._outer(lambda n: n in head_names), None))
-                model.tie_weights()
-                replay = _Replay()
-                with _swapped(self.layers, [replay] + [_Pass() for _ in range(n_layers - 1)]), torch.no_grad():
-                    for b, batch in enumerate(batches):
-                        replay.hidden = cache.get(b).to(self.device)
-                        zeros = torch.zeros_like(replay.hidden)
-                        out = model(inputs_embeds=zeros, attention_mask=batch["attention_mask"].to(self.device),
-                                    use_cache=False)
-                        head(b, out.logits)
+                for k, m in enumerate(self.models):
+                    self._head(m, layers[k], [(b, batches[b]) for b in shares[k]], self.devices[k], cache, head)
         finally:
             cache.close()
-            self._free(model)
+            for m in self.models:
+                self._free(m)
         self.report.bytes_read = self.ckpt.reader.bytes_read
         return self.report
+
+    @staticmethod
+    def _catch(model: nn.Module, layers: nn.ModuleList, batches: list[tuple[int, dict]], device: torch.device,
+               kwargs: list[list[dict]], cache: HiddenCache) -> None:
+        """Run the embedding of each (index, batch) into stubs that keep each decoder layer's keyword
+        arguments and the hidden states entering layer 0."""
+        current = 0
+
+        def sink(index: int, hidden: torch.Tensor, kw: dict) -> None:
+            kwargs[index][current] = kw
+            if index == 0:
+                cache.put(current, hidden)
+
+        stubs = [_Catch(i, i == len(layers) - 1, sink) for i in range(len(layers))]
+        with _swapped(layers, stubs), torch.no_grad():
+            for current, batch in batches:  # noqa: B007 - read by sink
+                with contextlib.suppress(_Stop):
+                    model(**{k: v.to(device) for k, v in batch.items()}, use_cache=False)
+
+    @staticmethod
+    def _head(model: nn.Module, layers: nn.ModuleList, batches: list[tuple[int, dict]], device: torch.device,
+              cache: HiddenCache, head: Callable[[int, torch.Tensor], None]) -> None:
+        """The model's own final norm and output head on each batch's last hidden states."""
+        model.tie_weights()
+        replay = _Replay()
+        with _swapped(layers, [replay] + [_Pass() for _ in range(len(layers) - 1)]), torch.no_grad():
+            for b, batch in batches:
+                replay.hidden = cache.get(b).to(device)
+                zeros = torch.zeros_like(replay.hidden)
+                out = model(inputs_embeds=zeros, attention_mask=batch["attention_mask"].to(device), use_cache=False)
+                head(b, out.logits)
 
     def _plan_memory(self, cache_bytes: int) -> tuple[bool, bool]:
         """(read the next layer while one computes, spill the hidden-state cache) under the budget."""

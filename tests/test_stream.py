@@ -199,3 +199,64 @@ def test_kernel_caches_bounded_unless_the_user_chose(monkeypatch):
     bound_kernel_caches()
     assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == KERNEL_CACHE_ENTRIES
     assert os.environ["LRU_CACHE_CAPACITY"] == "7"
+
+
+# ---------------------------------------------------------------------------------------------- data parallel
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss", "qwen3_moe_tied"])
+def test_data_parallel_profile_equals_one_device(folders, family):
+    """Two devices (CPU threads here; GPUs in benchmarks/gpu_check.py), each running every other
+    batch on its own copy of the layer: per-prompt signatures and the routing record are exact, the
+    statistics float64 sums of the two devices' partial sums."""
+    one = moeprune.profile(folders[family], PROMPTS, batch_size=2)
+    two = moeprune.profile(folders[family], PROMPTS, batch_size=2, device="cpu,cpu")
+    for k in one.stats:
+        assert torch.allclose(one.stats[k], two.stats[k], rtol=1e-12, atol=0), k
+        assert not torch.equal(two.stats[k], torch.zeros_like(two.stats[k]))
+    assert torch.equal(one.signatures, two.signatures)
+    assert torch.equal(one.hidden_signatures, two.hidden_signatures)
+    assert torch.equal(one.routing, two.routing)
+
+
+def test_data_parallel_routing_record_keeps_the_first_tokens_in_batch_order(folders):
+    one = moeprune.profile(folders["mixtral"], PROMPTS, batch_size=1, routing_tokens=70)
+    three = moeprune.profile(folders["mixtral"], PROMPTS, batch_size=1, routing_tokens=70, device=["cpu"] * 3)
+    assert one.routing.shape[1] == 70 and torch.equal(one.routing, three.routing)  # spans two batches
+
+
+def test_data_parallel_evaluation_equals_one_device(folders):
+    folder = folders["deepseek_v3"]
+    pattern = moeprune.profile(folder, PROMPTS).select(keep=0.5)
+    for p in (None, pattern):
+        one = moeprune.evaluate(folder, DOCS, pattern=p, window=16, batch_size=1)
+        two = moeprune.evaluate(folder, DOCS, pattern=p, window=16, batch_size=1, device="cpu,cpu")
+        assert two.tokens == one.tokens
+        assert two.nll == pytest.approx(one.nll, rel=1e-9, abs=0)
+
+
+def test_device_lists_are_checked():
+    from moeprune.stream import parse_devices
+
+    assert parse_devices("cuda:0, cuda:1") == [torch.device("cuda:0"), torch.device("cuda:1")]
+    assert parse_devices("cpu") == [torch.device("cpu")]
+    raises_one_line(lambda: parse_devices("cuda:0,cuda:0"), "listed twice")
+    raises_one_line(lambda: parse_devices("gpu7"), "not a device")
+    raises_one_line(lambda: parse_devices([]), "no device")
+
+
+def test_data_parallel_splits_the_batches_between_the_devices(folders):
+    batch = {"input_ids": torch.tensor([[5, 6, 7]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    with LayerStream(folders["qwen3_moe"], device="cpu,cpu") as ls:
+        assert ls.share(3) == [[0, 2], [1]] and len(ls.models) == 2
+        calls = [0, 0]
+        for k, m in enumerate(ls.models):
+            layer = ls.adapter.decoder_layers(m)[1]
+            layer.register_forward_pre_hook(lambda mod, args, k=k: calls.__setitem__(k, calls[k] + 1))
+        ls.run([batch] * 3)
+    assert calls == [2, 1]
+
+
+def test_several_devices_need_the_streamed_path(folders):
+    raises_one_line(lambda: moeprune.profile(folders["mixtral"], PROMPTS, stream=False, device="cpu,cpu"),
+                    "streamed run only")
+    raises_one_line(lambda: moeprune.evaluate(folders["mixtral"], DOCS, stream=False, device="cpu,cpu"),
+                    "streamed run only")
