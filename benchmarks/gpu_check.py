@@ -7,8 +7,9 @@ of tests/hub_fixtures.py (DeepSeek-V3 FP8 + MTP, Qwen3 FP8, GPT-OSS MXFP4): `loa
 the dequantized oracle; transformers' native FP8 experts (its GPU kernels) are profiled and agree with
 the oracle's profile up to FP8 activation rounding; a native MXFP4 model is either profiled after
 transformers dequantized it or refused in one line, never recorded as nothing; and, where vLLM is
-installed, vLLM loads the FP8 and MXFP4 exports. Finally layer-streamed profiling and evaluation on
-CUDA equal the whole model on CUDA. Prints one line per case; the log goes to
+installed, vLLM loads the FP8 and MXFP4 exports. Then layer-streamed profiling and evaluation on
+CUDA equal the whole model on CUDA (and, with two GPUs or more, data parallel over all of them equals
+one). Finally, where vLLM is installed, vllm_swap_check.py's in-engine expert swaps on CUDA. Prints one line per case; the log goes to
 benchmarks/results/ (`--no-record` to skip it). Without CUDA it refuses in one line (exit 2).
 
     python benchmarks/gpu_check.py [--results DIR] [--no-record]
@@ -87,6 +88,7 @@ def run() -> int:
     failures += pool_check(tok)
     failures += quantized_check(tok)
     failures += stream_check()
+    failures += swap_check()
     print("ALL OK" if not failures else f"{failures} FAILED")
     return int(failures > 0)
 
@@ -161,6 +163,23 @@ def parallel_check(folder: str, one, e_one, docs: list[str], model_type: str, dt
     print(f"parallel {model_type:<10} {dtype:<9} {n} GPUs: signatures and routing {'equal' if exact else 'DIFFER'}, "
           f"statistics max rel diff {rel:.2e}, perplexity rel diff {d_eval:.2e}  {'OK' if ok else 'FAIL'}", flush=True)
     return int(not ok)
+
+
+def swap_check() -> int:
+    """The in-engine expert swap on vLLM's CUDA build: benchmarks/vllm_swap_check.py in a process of its
+    own (fresh engines vs one swapped python -> bible -> python -> legal); skipped where vLLM is absent."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("vllm") is None:
+        print("swap vllm: vLLM is not installed here; skipped")
+        return 0
+    script = Path(__file__).resolve().parent / "vllm_swap_check.py"
+    proc = subprocess.run([sys.executable, str(script), "--no-record"], capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.strip().startswith(("✓", "✗", "vllm_swap_check:"))]
+    print("\n".join(f"swap vllm {line.strip()}" for line in lines) or f"swap vllm: no result (rc {proc.returncode})",
+          flush=True)
+    return int(proc.returncode != 0)
 
 
 def quantized_check(tok) -> int:
