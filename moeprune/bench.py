@@ -50,6 +50,9 @@ class BenchConfig:
     fold_criteria: tuple[str, ...] = ()  # off by default: it lost to plain pruning (criteria-125/criteria.md)
     fold_similarities: tuple[str, ...] = ("router", "weights")
     fold_calib_tokens: int = 4096  # calibration-text tokens scored to choose the similarity
+    # profile and evaluate layer by layer from the checkpoint (moeprune.stream), for a model that does not
+    # fit: each pruned model is then the slim model run streamed, not a keep-mask on the loaded one
+    stream: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -68,10 +71,15 @@ def run_benchmark(model_dir: str | os.PathLike, corpora: str | os.PathLike, conf
         for split in ("calib", "eval"):
             if not (corpora / d / f"{split}.jsonl").is_file():
                 raise MoepruneError(f"corpus file missing: {corpora / d / f'{split}.jsonl'}")
+    if cfg.stream and cfg.fold_criteria:
+        raise MoepruneError("folding rewrites the loaded model's experts: it cannot run streamed (stream=False, "
+                            "or no fold criteria)")
     t0 = time.time()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    adapter = get_adapter(model)
+    # streamed: the checkpoint folder itself, run layer by layer in float32 by profile() and evaluate()
+    model = model_dir if cfg.stream else AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    adapter = None if cfg.stream else get_adapter(model)
+    run_kwargs = {"dtype": torch.float32} if cfg.stream else {}
     calib = {d: read_prompts(corpora / d / "calib.jsonl") for d in cfg.domains}
     texts = {d: read_documents(corpora / d / "eval.jsonl") for d in cfg.domains}
     calib_texts = {d: read_documents(corpora / d / "calib.jsonl") for d in cfg.domains}
@@ -79,9 +87,11 @@ def run_benchmark(model_dir: str | os.PathLike, corpora: str | os.PathLike, conf
     def ppl(d: str, pattern: Pattern | None, split: str = "eval") -> float:
         data = texts[d] if split == "eval" else calib_texts[d]
         tokens = cfg.eval_tokens if split == "eval" else cfg.fold_calib_tokens
-        kwargs = dict(tokenizer=tok, window=cfg.window, max_tokens=tokens, batch_size=16)
+        kwargs = dict(tokenizer=tok, window=cfg.window, max_tokens=tokens, batch_size=16, **run_kwargs)
         if pattern is None:
             return evaluate(model, data, **kwargs).perplexity
+        if cfg.stream:
+            return evaluate(model, data, pattern=pattern, **kwargs).perplexity
         with keep_mask(model, adapter, pattern.keep_masks()):
             return evaluate(model, data, **kwargs).perplexity
 
@@ -89,7 +99,8 @@ def run_benchmark(model_dir: str | os.PathLike, corpora: str | os.PathLike, conf
     profiles = {}
     for d in cfg.domains:
         for n in cfg.calib_sizes:
-            profiles[d, n] = profile(model, calib[d][:n], tokenizer=tok, domain=d, max_length=cfg.max_length)
+            profiles[d, n] = profile(model, calib[d][:n], tokenizer=tok, domain=d, max_length=cfg.max_length,
+                                     **run_kwargs)
     full = {d: ppl(d, None) for d in cfg.domains}
     rows = []
 
@@ -178,7 +189,7 @@ def run_benchmark(model_dir: str | os.PathLike, corpora: str | os.PathLike, conf
         overlap[str(keep)] = [[pats[a].jaccard(pats[b]) for b in cfg.domains] for a in cfg.domains]
     return {"config": asdict(cfg), "model": str(model_dir), "full": full, "rows": rows, "overlap": overlap,
             "full_calib": full_calib, "fold_rows": fold_rows,
-            "n_experts": adapter.num_experts(model.config), "seconds": time.time() - t0}
+            "n_experts": profiles[cfg.domains[0], largest].meta["num_experts"], "seconds": time.time() - t0}
 
 
 def fold_summary(fold_rows: list[dict]) -> dict[tuple, float]:

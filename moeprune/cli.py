@@ -237,6 +237,7 @@ def _cmd_bench_criteria(args) -> int:
                           strategies=("uniform",), random_seeds=(0,), eval_tokens=4096)
     elif args.domains:
         cfg.domains = tuple(args.domains)
+    cfg.stream = args.stream
     result = run_benchmark(args.model or DEMO_MODEL, args.corpora, cfg, progress=not args.quiet)
     write_report(result, args.output)
     print(markdown(result))
@@ -491,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpora", default="../shared/corpora", help="folder with <domain>/{calib,eval}.jsonl")
     p.add_argument("--domains", nargs="*", help="domains to run (default: all seven)")
     p.add_argument("--quick", action="store_true", help="2 domains, one keep level (what CI runs)")
+    p.add_argument("--stream", action="store_true",
+                   help="profile and evaluate layer by layer from the checkpoint (a model that does not fit)")
     p.add_argument("-o", "--output", default="bench-criteria", help="folder for the table, JSON and plots")
     p.add_argument("--force", action="store_true", help="replace an earlier report's files in the output folder")
     p.add_argument("-q", "--quiet", action="store_true")

@@ -5,6 +5,7 @@ import math
 
 import pytest
 
+from moeprune import MoepruneError
 from moeprune.bench import BenchConfig, markdown, run_benchmark, summary, write_report
 from moeprune.demo import DEMO_MODEL
 
@@ -56,3 +57,21 @@ def test_report_files(result, tmp_path):
             assert f"| {criterion} | {strategy} | {value:.3f} |" in md
     for d in cfg["domains"]:
         assert f"| {d} | {result['full'][d]:.2f} |" in md
+
+
+def test_streamed_benchmark_equals_the_loaded_one(request):
+    """stream=True profiles and evaluates from the checkpoint layer by layer (each pruned model as the
+    slim model): the same rows as keep-masks on the loaded model, to float32 rounding."""
+    corpora = request.getfixturevalue("shared_corpora")
+    if not (DEMO_MODEL / "config.json").is_file():
+        pytest.skip("the bundled demo model is not present")
+    kw = dict(domains=("python",), calib_sizes=(8,), keeps=(0.25,), strategies=("uniform",), criteria=("easy_ep",),
+              random_seeds=(0,), eval_tokens=1024)
+    loaded = run_benchmark(DEMO_MODEL, corpora, BenchConfig(**kw), progress=False)
+    streamed = run_benchmark(DEMO_MODEL, corpora, BenchConfig(**kw, stream=True), progress=False)
+    assert streamed["full"]["python"] == pytest.approx(loaded["full"]["python"], rel=1e-5)
+    assert [r["kept_per_layer"] for r in streamed["rows"]] == [r["kept_per_layer"] for r in loaded["rows"]]
+    for a, b in zip(loaded["rows"], streamed["rows"], strict=True):
+        assert b["ppl"] == pytest.approx(a["ppl"], rel=1e-5), (a["criterion"], a["ppl"], b["ppl"])
+    with pytest.raises(MoepruneError, match="cannot run streamed"):
+        run_benchmark(DEMO_MODEL, corpora, BenchConfig(**kw, stream=True, fold_criteria=("easy_ep",)))
