@@ -456,16 +456,20 @@ _LIBC: object = None
 # Each of oneDNN's primitive cache and ideep's (the layer between torch and oneDNN) keeps 1,024
 # compiled matmuls by default, each with its own scratch buffers. MoE experts see a new token count on
 # nearly every call, so a bf16 CPU run fills them with one-off shapes: about 1.6 decoder layers of
-# memory on the stream benchmark, and no bound that follows the model's size. 64 entries keep the
-# shapes that repeat (attention, decode steps); wall time was unchanged on the stream benchmark.
-KERNEL_CACHE_ENTRIES = "64"
+# memory on the stream benchmark, and no bound that follows the model's size. A server's decode
+# steps repeat their shapes (SERVE_KERNEL_CACHE entries keep them); a streamed or batch run has
+# little to reuse (0: no cache; ideep's cannot be smaller than 1). Wall time did not change on the
+# stream benchmark either way.
+SERVE_KERNEL_CACHE = 64
+BATCH_KERNEL_CACHE = 0
 
 
-def bound_kernel_caches() -> None:
-    """Cap oneDNN's and ideep's kernel caches unless the user set them. Both read their environment
-    variable at their first use, so this takes effect when called before the first bf16 matmul."""
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", KERNEL_CACHE_ENTRIES)
-    os.environ.setdefault("LRU_CACHE_CAPACITY", KERNEL_CACHE_ENTRIES)
+def bound_kernel_caches(entries: int = BATCH_KERNEL_CACHE) -> None:
+    """Cap oneDNN's and ideep's kernel caches at `entries` unless the user set them. Both read their
+    environment variable at their first use, so this takes effect when called before the first bf16
+    matmul; the first call in a process wins."""
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(entries))
+    os.environ.setdefault("LRU_CACHE_CAPACITY", str(max(1, entries)))
 
 
 def _libc():

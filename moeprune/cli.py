@@ -9,7 +9,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from ._io import bound_kernel_caches
+from ._io import BATCH_KERNEL_CACHE, SERVE_KERNEL_CACHE, bound_kernel_caches
 from .budget import parse_budget
 from .errors import MoepruneError
 
@@ -639,7 +639,8 @@ def main(argv: list[str] | None = None) -> int:
     if passed:
         args.engine_args = passed
     try:
-        bound_kernel_caches()
+        serving = args.func in (_cmd_serve, _cmd_route, _cmd_deploy)
+        bound_kernel_caches(SERVE_KERNEL_CACHE if serving else BATCH_KERNEL_CACHE)
         _quiet_libraries(args.verbose)
         _show_notes()
         return args.func(args)

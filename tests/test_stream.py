@@ -192,13 +192,17 @@ def test_fingerprint_of_an_offloaded_model_comes_from_its_checkpoint(folders):
 
 
 def test_kernel_caches_bounded_unless_the_user_chose(monkeypatch):
-    from moeprune._io import KERNEL_CACHE_ENTRIES, bound_kernel_caches
+    from moeprune._io import bound_kernel_caches
 
     monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    monkeypatch.delenv("LRU_CACHE_CAPACITY", raising=False)
+    bound_kernel_caches(0)
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "0"
+    assert os.environ["LRU_CACHE_CAPACITY"] == "1"  # ideep's cache cannot be empty
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY")
     monkeypatch.setenv("LRU_CACHE_CAPACITY", "7")
-    bound_kernel_caches()
-    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == KERNEL_CACHE_ENTRIES
-    assert os.environ["LRU_CACHE_CAPACITY"] == "7"
+    bound_kernel_caches(64)
+    assert os.environ["ONEDNN_PRIMITIVE_CACHE_CAPACITY"] == "64" and os.environ["LRU_CACHE_CAPACITY"] == "7"
 
 
 # ---------------------------------------------------------------------------------------------- data parallel

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-from .._io import bound_kernel_caches
+from .._io import SERVE_KERNEL_CACHE, bound_kernel_caches
 from ..errors import MoepruneError
 from ..pattern import Pattern
 from .params import Result, SamplingParams, TokenLogprob
@@ -212,7 +212,7 @@ class Engine:
                  batch_wait: float = 0.02, start: bool = True):
         if tokenizer is None:
             raise MoepruneError("the engine needs a tokenizer to decode text and find stop strings")
-        bound_kernel_caches()  # a server runs for days on new token counts per expert
+        bound_kernel_caches(SERVE_KERNEL_CACHE)  # a server runs for days on new token counts per expert
         self.pool, self.tokenizer = pool, tokenizer
         self.max_batch, self.max_queue, self.batch_wait = max(1, max_batch), max_queue, batch_wait
         model = pool.model
