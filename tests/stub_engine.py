@@ -107,7 +107,8 @@ class StubEngine:
             self.swap_started.set()
             if self.gate is not None:
                 await self.gate.wait()
-            if self.fail_swap:
+            if self.fail_swap:  # as the extension: failed half way, it no longer knows what it holds
+                self.resident = {"name": None, "digest": None, "kept": None}
                 return {"results": [{"error": self.fail_swap} for _ in range(self.workers)]}
             from moeprune.pattern import Pattern
 

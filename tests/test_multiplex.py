@@ -5,12 +5,13 @@ control routes. Everything waits on asyncio events, never on time, except the qu
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 
 import httpx2 as httpx
 import pytest
 from stub_engine import StubEngine
-from test_route import KEY, PY_QUERY, Hosts, Stub
+from test_route import KEY, PY_QUERY, Hosts, Stub, post_scope
 
 from moeprune import MoepruneError
 from moeprune.pattern import Pattern
@@ -58,6 +59,9 @@ class FakeControl:
         if self.fail:
             raise ControlError(self.fail)
         return {"bytes_read": 10, "seconds": 0.0, "experts_written": 4}
+
+    async def resume(self):
+        self.resumed = getattr(self, "resumed", 0) + 1
 
 
 async def make_pool(residents: list[str | None], **kw) -> Multiplexer:
@@ -375,6 +379,71 @@ def test_front_failed_swap_is_a_503_naming_the_engine(store, signature):
     assert after.status_code == 503 and "engine0" in after.json()["error"]["message"]
     assert health["status"] == "degraded" and health["upstreams"]["engine0"]["state"] == "failed"
     assert health["upstreams"]["engine0"]["resident"] is None
+
+
+def test_a_failed_engine_restarted_on_an_export_returns_to_service(store, signature):
+    e0 = StubEngine("e0", resident(store, "python"))
+    e0.fail_swap = "CUDA out of memory"
+    app = pool_front(store, signature, {"e0": e0})
+    front = app.app.state.front
+
+    async def fn(http):
+        failed = await http.post("/v1/chat/completions", json=chat("demo_model:legal"))
+        await front.check_all()  # still failed: the engine does not know what it holds
+        still = (await http.get("/health")).json()["upstreams"]["engine0"]
+        e0.fail_swap, e0.resident = None, resident(store, "bible")  # the operator restarted it on bible's export
+        await front.check_all()
+        return failed, still, await http.post("/v1/chat/completions", json=chat("demo_model:bible"))
+    failed, still, back = asyncio.run(serve(app, fn))
+    assert failed.status_code == 503 and still["state"] == "failed" and "out of memory" in still["problem"]
+    assert back.status_code == 200, back.text
+    assert e0.calls.count("resume") == 1  # on its return to service; the failed swap left it paused
+    assert back.json()["choices"][0]["message"]["content"] == "from bible"
+
+
+def test_a_client_leaving_the_queue_gives_its_place_back(store, signature):
+    """A request waiting for a swap whose client hangs up: 499, no swap for it, the engine admits again."""
+    e0 = StubEngine("e0", resident(store, "python"))
+    e0.hold = asyncio.Event()
+    app = pool_front(store, signature, {"e0": e0})
+    front = app.app.state.front
+    pool = front.router.pool
+    body = json.dumps(chat("demo_model:legal")).encode()
+    sent = []
+
+    async def main():
+        await front.start()
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://front",
+                                         headers={"Authorization": f"Bearer {KEY}"}) as http:
+                busy = asyncio.create_task(http.post("/v1/chat/completions", json=chat("demo_model:python")))
+                await until(lambda: e0.in_flight == 1)
+                messages = [{"type": "http.request", "body": body, "more_body": False}]
+                left = asyncio.Event()
+
+                async def receive():
+                    if messages:
+                        return messages.pop()
+                    await left.wait()
+                    return {"type": "http.disconnect"}
+
+                async def send(message):
+                    sent.append(message)
+
+                waiting = asyncio.create_task(app(post_scope(body), receive, send))
+                await until(lambda: pool.waiting == 1 and pool.engines[0].target == "legal")
+                left.set()
+                await waiting
+                claim = pool.engines[0].target, pool.waiting
+                late = asyncio.create_task(http.post("/v1/chat/completions", json=chat("demo_model:python")))
+                await until(lambda: e0.in_flight == 2)  # admitted again: nobody waits for legal any more
+                e0.hold.set()
+                return claim, [(await t).json()["choices"][0]["message"]["content"] for t in (busy, late)]
+        finally:
+            await front.stop()
+    claim, answers = asyncio.run(main())
+    assert sent[0]["status"] == 499 and claim == (None, 0)
+    assert answers == ["from python", "from python"] and e0.swaps == [] and not e0.violations
 
 
 def test_fixed_upstreams_win_over_the_pool(store, signature):

@@ -227,6 +227,15 @@ def test_upstream_errors_pass_through(store, signature, stubs):
     assert r.status_code == 400 and r.json()["error"]["message"] == "bad temperature"
 
 
+def post_scope(body: bytes, path: str = "/v1/chat/completions") -> dict:
+    """The ASGI scope of an authorised JSON POST, to drive the app by hand (a client that hangs up)."""
+    return {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+            "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+            "client": ("127.0.0.1", 1), "server": ("front", 80),
+            "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"application/json"),
+                        (b"content-length", str(len(body)).encode())]}
+
+
 def test_client_disconnect_cancels_the_upstream_request(store, signature, stubs):
     app = front(store, signature, stubs)
     stubs["python"].delay = 30
@@ -248,12 +257,7 @@ def test_client_disconnect_cancels_the_upstream_request(store, signature, stubs)
         async def send(message):
             sent.append(message)
 
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
-                 "scheme": "http", "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions",
-                 "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1), "server": ("front", 80),
-                 "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"application/json"),
-                             (b"content-length", str(len(body)).encode())]}
-        await app(scope, receive, send)
+        await app(post_scope(body), receive, send)
         cancelled = stubs["python"].cancelled  # by the time the front answered, not at shutdown
         await f.stop()
         return f.in_flight, cancelled

@@ -13,8 +13,9 @@ to any stored pattern with the same per-layer counts. The scheduling policy:
 - waiters for a resident pattern are admitted before any engine is claimed for another (what is
   queued is batched); claims go first come first served; at most `max_queue` wait (then 429), none longer than
   `queue_timeout` (then 503; a claim nobody waits for any more is dropped). A failed swap takes its
-  engine out of service until the front restarts (unknown resident, not resumed) and answers the
-  requests that waited for it with a 503 naming the engine.
+  engine out of service (unknown resident, not resumed) and answers the requests that waited for
+  it with a 503 naming the engine; the health checker asks it again what it holds, so an engine
+  restarted on an export comes back.
 - a stored pattern whose per-layer expert counts differ from the engines' slots is never swapped in:
   pinned, a 400 naming pattern and layer; retrieved, the fallback (a 503 without one).
 
@@ -50,6 +51,9 @@ class EngineControl(Protocol):
 
     async def swap(self, name: str, pattern) -> dict:
         """Swap the engine's experts to `pattern`; {"bytes_read", "seconds", "experts_written"} or ControlError."""
+
+    async def resume(self) -> None:
+        """Let the engine take requests again (after a failed swap left it paused)."""
 
 
 class HTTPEngineControl:
@@ -114,12 +118,16 @@ class HTTPEngineControl:
             await asyncio.sleep(0.2)  # a cache still in use by a finishing step: retry shortly
         else:  # cached KV computed with the old experts would give wrong answers
             raise ControlError("POST /reset_prefix_cache did not succeed")
-        r = await self._post("/resume")
-        if r.status_code != 200:
-            raise ControlError(f"POST /resume answered {r.status_code}: {r.text[:300]}")
+        await self.resume()
         return {"bytes_read": sum(int(x.get("bytes_read") or 0) for x in results),
                 "experts_written": sum(int(x.get("experts_written") or 0) for x in results),
                 "seconds": time.perf_counter() - t0}
+
+
+    async def resume(self) -> None:
+        r = await self._post("/resume")
+        if r.status_code != 200:
+            raise ControlError(f"POST /resume answered {r.status_code}: {r.text[:300]}")
 
 
 def _success(r: httpx.Response) -> bool:
@@ -220,15 +228,18 @@ class Multiplexer:
 
     # -------------------------------------------------------------- startup
     async def learn(self) -> None:
-        """Read the resident pattern of every engine that has not told it yet."""
-        await asyncio.gather(*(self._learn(e) for e in self.engines if e.state == "starting"))
+        """Read the resident pattern of every engine that has not told it yet, and of every failed one:
+        an engine restarted on an export (its extension knows its experts again) returns to service."""
+        await asyncio.gather(*(self._learn(e) for e in self.engines
+                               if e.state == "starting" or (e.state == "failed" and not e.swapping)))
         self.dispatch()
 
     async def _learn(self, e: Engine) -> None:
         try:
             info = await e.control.resident()
         except ControlError as err:
-            e.problem = f"cannot read its resident pattern: {err}"
+            if e.state != "failed":  # a failed engine keeps the reason it failed
+                e.problem = f"cannot read its resident pattern: {err}"
             return
         e.slots, e.digest = dict(info["slots"]), info["digest"]
         known = self.slots
@@ -243,6 +254,13 @@ class Multiplexer:
             e.state, e.problem = "failed", (f"holds {e.slots.get(layer, 0)} experts in layer {layer}, the other "
                                             f"engines {known.get(layer, 0)}")
             return
+        if e.state == "failed":  # it knows its experts again (restarted, or the swap failed before writing)
+            try:
+                await e.control.resume()  # the failed swap left it paused
+            except ControlError as err:
+                e.problem = f"{e.problem}; resuming it failed: {err}"
+                return
+            e.problem = ""
         e.state = "ready"
 
     async def stop(self) -> None:

@@ -335,7 +335,9 @@ class Front:
             if r.status_code != 200 or not ids or not isinstance(ids[0], str):
                 upstream.down(f"GET /v1/models answered {r.status_code} without a model id")
             else:
-                upstream.model_id, upstream.healthy, upstream.problem = ids[0], True, ""
+                upstream.model_id, upstream.healthy = ids[0], True
+                if getattr(upstream, "state", "") != "failed":  # a pool engine out of service keeps its reason
+                    upstream.problem = ""
         except (httpx.HTTPError, ValueError, AttributeError) as e:
             upstream.down(f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
         upstream.checked = time.monotonic()
@@ -471,6 +473,20 @@ async def _read_or_leave(request: Request, resp) -> bytes | None:
     return reading.result() if reading in done else None
 
 
+async def _acquire_or_leave(request: Request, pool, name: str):
+    """A pool lease for pattern `name`, or None when the client disconnects while it waits."""
+    acquiring = asyncio.ensure_future(pool.acquire(name))
+    gone = asyncio.ensure_future(_client_gone(request))
+    done, _ = await asyncio.wait({acquiring, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if acquiring in done:
+        await _cancel(gone)
+        return acquiring.result()
+    lease = await _cancel(acquiring)
+    if lease is not None:  # admitted just as the client left
+        lease.release()
+    return None
+
+
 async def _cancel(task: asyncio.Future):
     """Cancel `task` and wait until it has stopped (a cancellation of the caller still propagates);
     its result if it finished first, else None."""
@@ -539,9 +555,11 @@ def create_route_app(router: Router, config: RouteConfig, client: httpx.AsyncCli
         if route.upstream is None:  # a pool engine: wait for one holding the pattern
             metrics["waiting"].inc()
             try:
-                lease = await router.pool.acquire(route.name)
+                lease = await _acquire_or_leave(request, router.pool, route.name)
             finally:
                 metrics["waiting"].dec()
+            if lease is None:  # the client hung up while queued: its place (and any claim) is given back
+                return Response(status_code=499)
             route.upstream, route.release = lease.engine, lease.release
             route.details.update(lease.info())
         metrics["retrievals"].labels(route.upstream.name, str(route.fell_back).lower()).inc()
