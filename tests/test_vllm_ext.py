@@ -61,10 +61,11 @@ class Recorder:
         self.routers: list[tuple[str, torch.Tensor]] = []
         self.fail_at: int | None = None
 
-    def write_experts(self, model, live, weights, slots):
+    def write_experts(self, model, live, weights):
         if self.fail_at is not None and len(self.experts) == self.fail_at:
             raise RuntimeError("kernel repack failed")
-        self.experts.append((live, [n for n, _ in weights], list(slots), [t for _, t in weights]))
+        slots = sorted({slot for _, slot, _ in weights})
+        self.experts.append((live, [n for n, _, _ in weights], slots, [read() for _, _, read in weights]))
 
     def write_router(self, model, weights):
         self.routers += weights
@@ -178,3 +179,13 @@ def test_an_engine_not_on_an_export_says_so(tmp_path):
     w = ExpertSwap()
     w.vllm_config = SimpleNamespace(model_config=SimpleNamespace(model=str(tmp_path)))
     assert "not a moeprune export" in w.moeprune_resident()["error"]
+
+
+def test_a_rank_reads_only_the_experts_it_holds():
+    """Expert parallelism: a slot another rank holds is never read on this one."""
+    reads = []
+    live = SimpleNamespace(layer_name="model.layers.0.mlp.experts",
+                           _map_global_expert_id_to_local_expert_id=lambda slot: -1)
+    weights = [(f"model.layers.0.mlp.experts.{s}.gate_proj.weight", s, lambda s=s: reads.append(s)) for s in (3, 5)]
+    vllm_ext._write_experts(None, live, weights)
+    assert reads == []

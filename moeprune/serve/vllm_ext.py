@@ -31,6 +31,7 @@ import json
 import re
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,11 +192,11 @@ class ExpertSwap:
         for layer, (expert_items, router_items) in per_layer.items():
             if layer not in experts:
                 raise MoepruneError(f"the engine has no routed experts for MoE layer {layer}")
-            slots = sorted({ckpt.adapter.split_expert_key(i.name)[1] for i in expert_items})
-            if slots:
-                _write_experts(model, experts[layer], [(i.name, i.load()) for i in expert_items], slots)
+            weights = [(i.name, ckpt.adapter.split_expert_key(i.name)[1], i.load) for i in expert_items]
+            if weights:
+                _write_experts(model, experts[layer], weights)
             _write_router(model, [(i.name, i.load()) for i in router_items])
-            written += len(slots)
+            written += len({slot for _, slot, _ in weights})
         state.update(slots=order, name=name, digest=target.digest)
         return {"name": name, "digest": target.digest, "bytes_read": ckpt.reader.bytes_read - read0,
                 "seconds": time.perf_counter() - t0, "experts_written": written}
@@ -221,14 +222,19 @@ def _mapped(model, weights: list[tuple[str, object]]) -> list[tuple[str, object]
     return list(mapper.apply(weights)) if mapper is not None else weights
 
 
-def _write_experts(model, live, weights: list[tuple[str, object]], slots: list[int]) -> None:
-    """Load `weights` (checkpoint names and tensors of the experts going into `slots`) into a scratch
-    copy of `live` through vLLM's loader and post-processing, then copy those slots' rows in place."""
+def _write_experts(model, live, weights: list[tuple[str, int, Callable[[], object]]]) -> None:
+    """Load `weights` ((checkpoint name, slot, read) of the incoming experts' tensors) into a scratch
+    copy of `live` through vLLM's loader and post-processing, then copy those slots' rows in place.
+    Only the slots this rank holds are read (expert parallelism places the others elsewhere)."""
     import torch
 
     prefix = live.layer_name + "."
+    rows = {slot: live._map_global_expert_id_to_local_expert_id(slot) for _, slot, _ in weights}
+    mine = [(name, read) for name, slot, read in weights if rows[slot] >= 0]
+    if not mine:
+        return
     local = []
-    for name, tensor in _mapped(model, weights):
+    for name, tensor in _mapped(model, [(name, read()) for name, read in mine]):
         if not name.startswith(prefix):
             raise MoepruneError(f"vLLM names this model's experts differently ({name} is not under "
                                 f"{live.layer_name}); in-engine swaps do not support this family")
@@ -245,15 +251,12 @@ def _write_experts(model, live, weights: list[tuple[str, object]], slots: list[i
     with torch.no_grad():
         for p in scratch.parameters(recurse=False):
             p.zero_()  # the rows not loaded are never copied; zeros keep the post-processing finite
-        rows = [r for r in (live._map_global_expert_id_to_local_expert_id(s) for s in slots) if r >= 0]
-        # the loader yields once per expert tensor it took; it skips experts another EP rank holds
-        expected = len(local) * len(rows) // len(slots)
-        taken = sum(1 for _ in scratch.load_weights(local))
-        if taken != expected:
-            raise MoepruneError(f"vLLM's loader took {taken} of the {expected} expert tensors of {live.layer_name} "
+        taken = sum(1 for _ in scratch.load_weights(local))  # once per expert tensor it took
+        if taken != len(local):
+            raise MoepruneError(f"vLLM's loader took {taken} of the {len(local)} expert tensors of {live.layer_name} "
                                 f"this rank holds")
         method.process_weights_after_loading(scratch)
-        index = torch.as_tensor(rows, dtype=torch.long)
+        index = torch.as_tensor(sorted({r for r in rows.values() if r >= 0}), dtype=torch.long)
         for pname, new in scratch.named_parameters(recurse=False):
             old = getattr(live, pname, None)
             if old is None or old.shape != new.shape:
