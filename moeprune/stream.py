@@ -396,7 +396,9 @@ class LayerStream:
 
                     def work(k: int, i: int = i) -> None:
                         layer, device = layers[k][i], self.devices[k]
-                        with torch.no_grad():
+                        # code that allocates on "the current device" must find this thread's GPU
+                        on_gpu = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+                        with torch.no_grad(), on_gpu:
                             for b in shares[k]:
                                 if before is not None:
                                     before(i, b)
