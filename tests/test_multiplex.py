@@ -495,3 +495,16 @@ def test_pool_config_refusals():
         RouteConfig(model_name="m", upstreams={}, engines=["http://a/v1", "http://a/v1"], source="/s")
     with pytest.raises(MoepruneError, match="source checkpoint"):
         RouteConfig(model_name="m", upstreams={}, engines=["http://a/v1"])
+
+
+def test_route_warns_about_engines_off_loopback(store, monkeypatch, capsys):
+    import uvicorn
+
+    from moeprune.demo import DEMO_MODEL
+    from moeprune.serve.route import route
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: None)
+    route(str(DEMO_MODEL), str(store.path), {}, engines=["http://127.0.0.1:8101/v1", "http://10.0.0.5:8000/v1"],
+          port=8765)
+    err = capsys.readouterr().err
+    assert "engine http://10.0.0.5:8000/v1 is not on loopback" in err and "127.0.0.1:8101" not in err

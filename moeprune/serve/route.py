@@ -611,6 +611,11 @@ def route(model: str, store_path: str, upstreams: dict[str, str], fallback: str 
     if not is_loopback(host) and not api_key:
         print(f"moeprune: warning: routing on {host} without an API key: anyone who can reach this address can "
               f"use the upstreams (set --api-key or MOEPRUNE_API_KEY)", file=sys.stderr)
+    for url in engines or []:
+        if not is_loopback(httpx.URL(url).host):
+            print(f"moeprune: warning: engine {url} is not on loopback: vLLM's dev-mode control routes "
+                  f"(/pause, /collective_rpc) are open to anyone who reaches it; keep it on a private network",
+                  file=sys.stderr)
     if threads is not None:
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise MoepruneError(f"--threads must be an integer >= 1, got {threads!r}")
