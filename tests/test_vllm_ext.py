@@ -189,3 +189,14 @@ def test_a_rank_reads_only_the_experts_it_holds():
     weights = [(f"model.layers.0.mlp.experts.{s}.gate_proj.weight", s, lambda s=s: reads.append(s)) for s in (3, 5)]
     vllm_ext._write_experts(None, live, weights)
     assert reads == []
+
+
+def test_one_source_checkpoint_is_kept_open(worker, demo_store_path, tmp_path):
+    import shutil
+
+    w, _ = worker
+    copy = tmp_path / "copy"
+    shutil.copytree(DEMO_MODEL, copy)
+    w.moeprune_swap(spec(demo_store_path, "bible")[0])
+    w.moeprune_swap(spec(demo_store_path, "python", source=str(copy))[0])
+    assert list(w._moeprune_state()["sources"]) == [str(copy)]

@@ -139,11 +139,18 @@ class ExpertSwap:
 
         sources = self._moeprune_state()["sources"]
         if folder not in sources:
-            ckpt = Checkpoint(folder, record_reads=True)
-            if ckpt.codec.name != "none":
-                raise MoepruneError(f"{folder} is quantized ({ckpt.codec.describe()}): in-engine swaps are "
-                                    f"checked for unquantized experts only; serve one engine per export instead")
-            routers = ckpt.read_routers()
+            for old, *_ in sources.values():  # one source at a time: what callers send cannot pile up
+                old.close()
+            sources.clear()
+            ckpt = Checkpoint(folder)  # counts bytes read; no log of each read (an engine runs for days)
+            try:
+                if ckpt.codec.name != "none":
+                    raise MoepruneError(f"{folder} is quantized ({ckpt.codec.describe()}): in-engine swaps are "
+                                        f"checked for unquantized experts only; serve one engine per export instead")
+                routers = ckpt.read_routers()
+            except BaseException:
+                ckpt.close()
+                raise
             sources[folder] = (ckpt, routers, ckpt.fingerprint(routers))
         return sources[folder]
 
