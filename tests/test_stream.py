@@ -264,3 +264,15 @@ def test_several_devices_need_the_streamed_path(folders):
                     "streamed run only")
     raises_one_line(lambda: moeprune.evaluate(folders["mixtral"], DOCS, stream=False, device="cpu,cpu"),
                     "streamed run only")
+
+
+def test_data_parallel_with_spilled_activations(folders):
+    folder = folders["qwen3_moe"]
+    one = moeprune.profile(folder, PROMPTS, batch_size=1)
+    with LayerStream(folder) as ls:
+        budget = 2 * ls.report.largest_layer + 1  # two layers and no room for the activations
+    two = moeprune.profile(folder, PROMPTS, batch_size=1, memory_budget=budget, device="cpu,cpu")
+    assert two.meta["stream"]["spilled"]
+    assert torch.equal(one.signatures, two.signatures) and torch.equal(one.routing, two.routing)
+    for k in one.stats:
+        assert torch.allclose(one.stats[k], two.stats[k], rtol=1e-12, atol=0), k
