@@ -37,6 +37,7 @@ import time
 from pathlib import Path
 
 import httpx2 as httpx
+from serve_load import free_port
 
 from moeprune.demo import DEMO_DATA, DEMO_MODEL
 
@@ -51,12 +52,6 @@ ENGINE = ("{vllm_python} -m vllm.entrypoints.openai.api_server --model {model} -
 ENGINE_ARGS = ["--dtype", "float32", "--enforce-eager", "--max-model-len", "512", "--max-num-seqs", "32",
                "--disable-log-stats"]
 NEW_TOKENS = 16
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def free_ports(n: int) -> int:
