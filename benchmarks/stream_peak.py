@@ -24,14 +24,14 @@ import threading
 import time
 from pathlib import Path
 
+from slim_load import _status
 from stream_profile import DEFAULT_DIR, N_PROMPTS, make_prompts
 
 from _record import add_record_args, record
 
 
 def rss_mib() -> float:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmRSS:"))
+    return _status("VmRSS") / 2**20
 
 
 def child(folder: str, batch_size: int, prompts: list[str]) -> dict:

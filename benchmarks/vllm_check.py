@@ -209,6 +209,19 @@ def compare(a: list[list[int]], b: list[list[int]]) -> tuple[tuple[int, int] | N
                    "prompt's first divergence")
 
 
+def vllm_importable() -> bool:
+    """Whether vLLM imports here; if not, say how to make its environment. Checked before recording:
+    a run that cannot start is no record."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as e:  # ImportError, or a broken torch/transformers pairing underneath it
+        print(f"vLLM is not importable from {sys.executable}: {type(e).__name__}: {e}\n"
+              f"Run this script with the vLLM virtual environment's python; to create it:\n{SETUP_HELP}",
+              file=sys.stderr)
+        return False
+    return True
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dtypes", default="bfloat16,float32", help="comma-separated, compared in this order")
@@ -222,12 +235,7 @@ def main() -> int:
         worker(*args.worker)
         return 0
 
-    try:
-        import vllm  # noqa: F401 - checked before recording: a run that cannot start is no record
-    except Exception as e:  # ImportError, or a broken torch/transformers pairing underneath it
-        print(f"vLLM is not importable from {sys.executable}: {type(e).__name__}: {e}\n"
-              f"Run this script with the vLLM virtual environment's python; to create it:\n{SETUP_HELP}",
-              file=sys.stderr)
+    if not vllm_importable():
         return 2
     with record("vllm_check", args.results, args.record):
         sys.exit(run(args))  # inside the recording, so that the log's footer shows a failing status

@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from vllm_check import SETUP_HELP, compare, generate_ids
+from vllm_check import compare, generate_ids, vllm_importable
 
 from _record import add_record_args, record
 
@@ -237,12 +237,7 @@ def main() -> int:
     if args.worker:
         worker(*args.worker)
         return 0
-    try:
-        import vllm  # noqa: F401 - checked before recording: a run that cannot start is no record
-    except Exception as e:
-        print(f"vLLM is not importable from {sys.executable}: {type(e).__name__}: {e}\n"
-              f"Run this script with the vLLM virtual environment's python; to create it:\n{SETUP_HELP}",
-              file=sys.stderr)
+    if not vllm_importable():
         return 2
     with record("vllm_swap_check", args.results, args.record):
         sys.exit(run(args))
